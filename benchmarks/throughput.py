@@ -1,0 +1,131 @@
+"""Offline throughput: kvtier's continuous batching vs HF transformers ``generate`` in static batches.
+
+Same model, same requests (ShareGPT-like lognormal lengths, ``ignore_eos``), same run. HF is run
+the way vLLM's ``benchmark_throughput --backend hf`` runs it: requests in arrival order, packed into
+batches of up to ``--hf-batch-size``, each batch generating its longest requested output.
+Prints tokens/s of each and the ratio, and kvtier's KV waste sampled during the run.
+
+    python benchmarks/throughput.py                       # reference model, 1000 requests
+    python benchmarks/throughput.py --num-prompts 100     # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine_line  # noqa: E402
+from workload import Request, add_workload_args, describe, make_workload  # noqa: E402
+
+from kvtier.engine.llm_engine import LLMEngine  # noqa: E402
+from kvtier.config import EngineArgs  # noqa: E402
+from kvtier.engine.metrics import engine_metrics  # noqa: E402
+from kvtier.models.checkpoint_builder import build_random_checkpoint  # noqa: E402
+from kvtier.sampling_params import SamplingParams  # noqa: E402
+
+REFERENCE = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, intermediate_size=1408, vocab_size=32000)
+
+
+def reference_model(path: Path) -> Path:
+    """The issue's reference Llama (random weights, fp32), built once and reused."""
+    if not (path / "config.json").is_file():
+        build_random_checkpoint(path, **REFERENCE, dtype="float32", seed=0)
+    return path
+
+
+def run_kvtier(model: Path, reqs: list[Request], args: argparse.Namespace) -> dict:
+    engine = LLMEngine(EngineArgs(model=str(model), kv_cache_memory=int(args.kv_cache_gib * (1 << 30)), max_num_seqs=args.max_num_seqs,
+                                  max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching))
+    start = time.perf_counter()
+    for i, r in enumerate(reqs):
+        engine.add_request({"prompt_token_ids": r.prompt_token_ids}, SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True), str(i))
+    done, steps, waste_pool, waste_used = 0, 0, [], []
+    out_tokens = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done += 1
+                out_tokens += len(out.outputs[0].token_ids)
+        steps += 1
+        if steps % args.waste_every == 0:
+            m = engine_metrics(engine)
+            if m["kv_blocks_used"]:
+                waste_pool.append(m["kv_waste_fraction_of_pool"])
+                waste_used.append(m["kv_waste_fraction_of_used"])
+    elapsed = time.perf_counter() - start
+    m = engine_metrics(engine)
+    assert done == len(reqs) and out_tokens == sum(r.output_len for r in reqs), "kvtier lost tokens or requests"
+    return {
+        "elapsed_s": elapsed, "steps": steps, "preemptions": m["num_preemptions"],
+        "waste_of_pool_mean": sum(waste_pool) / max(1, len(waste_pool)), "waste_of_pool_max": max(waste_pool, default=0.0),
+        "waste_of_used_mean": sum(waste_used) / max(1, len(waste_used)), "waste_of_used_max": max(waste_used, default=0.0),
+        "kv_blocks": m["kv_blocks_total"],
+    }
+
+
+def run_hf(model: Path, reqs: list[Request], args: argparse.Namespace) -> dict:
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    start = time.perf_counter()
+    i = 0
+    while i < len(reqs):
+        batch = reqs[i : i + args.hf_batch_size]
+        i += len(batch)
+        width = max(len(r.prompt_token_ids) for r in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, r in enumerate(batch):  # left padding, as decoder-only generation needs
+            ids[row, width - len(r.prompt_token_ids) :] = torch.tensor(r.prompt_token_ids)
+            mask[row, width - len(r.prompt_token_ids) :] = 1
+        new = max(r.output_len for r in batch)
+        with torch.no_grad():
+            out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+        assert out.shape[1] == width + new
+    return {"elapsed_s": time.perf_counter() - start}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=None, help="HF checkpoint folder (default: the reference Llama, built on first use)")
+    p.add_argument("--backend", choices=["both", "kvtier", "hf"], default="both")
+    p.add_argument("--hf-batch-size", type=int, default=32)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--kv-cache-gib", type=float, default=2.0)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--waste-every", type=int, default=10, help="sample KV waste every N engine steps")
+    p.add_argument("--json-out", type=Path, default=None)
+    add_workload_args(p)
+    args = p.parse_args(argv)
+    model = args.model or reference_model(Path(".cache/reference-llama"))
+    reqs = make_workload(args, vocab_size=REFERENCE["vocab_size"] if args.model is None else json.loads((model / "config.json").read_text())["vocab_size"])
+    prompt_tokens = sum(len(r.prompt_token_ids) for r in reqs)
+    output_tokens = sum(r.output_len for r in reqs)
+    print(f"machine: {machine_line()}")
+    print(f"workload: {describe(reqs)}")
+    result = {"machine": machine_line(), "workload": describe(reqs), "args": {k: str(v) for k, v in vars(args).items()}}
+    for name, fn in (("kvtier", run_kvtier), ("hf", run_hf)):
+        if args.backend not in ("both", name):
+            continue
+        r = fn(model, reqs, args)
+        r["output_tokens_per_s"] = output_tokens / r["elapsed_s"]
+        r["total_tokens_per_s"] = (prompt_tokens + output_tokens) / r["elapsed_s"]
+        result[name] = r
+        print(f"{name}: {r['elapsed_s']:.1f} s, {r['output_tokens_per_s']:.1f} output tok/s, {r['total_tokens_per_s']:.1f} total tok/s  {json.dumps({k: v for k, v in r.items() if k not in ('elapsed_s',)}, default=float)}")
+    if "kvtier" in result and "hf" in result:
+        ratio = result["hf"]["elapsed_s"] / result["kvtier"]["elapsed_s"]
+        result["ratio_kvtier_over_hf"] = ratio
+        print(f"ratio kvtier / hf throughput: {ratio:.2f}x")
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()

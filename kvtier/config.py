@@ -1,0 +1,74 @@
+"""Engine arguments, named as vLLM's CLI flags with underscores, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from kvtier.errors import InvalidArgumentError
+
+GiB = 1 << 30
+
+
+def _require_int(name: str, value: object, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentError(name, f"must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        rng = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise InvalidArgumentError(name, f"must be {rng}, got {value}")
+
+
+@dataclass
+class EngineArgs:
+    model: str
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    seed: int = 0
+    device: str = "auto"
+    max_model_len: int | None = None
+    block_size: int = 16
+    kv_cache_memory: int = 1 * GiB  # bytes of KV cache on CPU
+    gpu_memory_utilization: float = 0.9  # fraction of GPU memory for weights + activations + KV cache
+    swap_space: float = 4.0  # GiB of host memory for swapped-out blocks
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    enable_chunked_prefill: bool = True
+    preemption_mode: str = "recompute"
+    max_logprobs: int = 20
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise InvalidArgumentError("model", f"must be a path to an HF checkpoint folder, got {self.model!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half", "float"):
+            raise InvalidArgumentError("dtype", f"must be one of auto, float32, bfloat16, float16; got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise InvalidArgumentError("device", f"must be auto, cpu or cuda; got {self.device!r}")
+        _require_int("seed", self.seed, 0)
+        if self.max_model_len is not None:
+            _require_int("max_model_len", self.max_model_len, 1)
+        _require_int("block_size", self.block_size, 1, 1024)
+        _require_int("kv_cache_memory", self.kv_cache_memory, 1)
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise InvalidArgumentError("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.swap_space < 0:
+            raise InvalidArgumentError("swap_space", f"must be >= 0 GiB, got {self.swap_space}")
+        _require_int("max_num_seqs", self.max_num_seqs, 1)
+        if self.max_num_batched_tokens is not None:
+            _require_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
+        if self.preemption_mode not in ("recompute", "swap"):
+            raise InvalidArgumentError("preemption_mode", f"must be 'recompute' or 'swap', got {self.preemption_mode!r}")
+        _require_int("max_logprobs", self.max_logprobs, 0)
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise InvalidArgumentError("device", "cuda was asked for but no CUDA device is available")
+        return torch.device(self.device)

@@ -1,0 +1,85 @@
+"""A request and the sequences it grows (one, ``n`` parallel samples, or beams)."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from kvtier.outputs import Logprob, PromptLogprobs, RequestMetrics
+from kvtier.sampling_params import BeamSearchParams, SamplingParams
+
+_seq_ids = itertools.count()
+
+
+class RequestStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    SWAPPED = "swapped"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    token_ids: list[int]
+    prompt_len: int
+    index: int = 0  # position among the request's outputs
+    seq_id: int = field(default_factory=lambda: next(_seq_ids))
+    num_computed_tokens: int = 0
+    cumulative_logprob: float = 0.0
+    logprobs: list[dict[int, Logprob]] | None = None
+    generator: torch.Generator | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    text: str = ""
+    detokenizer: object | None = None  # IncrementalDetokenizer while text is needed token by token
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def fork(self, index: int) -> "Sequence":
+        return Sequence(
+            token_ids=list(self.token_ids),
+            prompt_len=self.prompt_len,
+            index=index,
+            num_computed_tokens=self.num_computed_tokens,
+            cumulative_logprob=self.cumulative_logprob,
+            logprobs=None if self.logprobs is None else list(self.logprobs),
+            text=self.text,
+        )
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    metrics: RequestMetrics
+    beam: BeamSearchParams | None = None
+    seqs: list[Sequence] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    prompt_logprobs: PromptLogprobs | None = None
+    num_cached_tokens: int = 0
+    forked: bool = False  # n > 1: children split off after the first sample
+    finished_beams: list[Sequence] = field(default_factory=list)
+    stream: bool = False
+
+    @property
+    def live_seqs(self) -> list[Sequence]:
+        return [s for s in self.seqs if not s.finished]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == RequestStatus.FINISHED

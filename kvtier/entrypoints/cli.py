@@ -1,0 +1,171 @@
+"""``kvtier`` command line: generate, chat, info, make-checkpoint. Flags follow vLLM's names."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+
+from kvtier.config import EngineArgs
+from kvtier.errors import KvtierError
+
+_FLAG_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag-name`` per EngineArgs field (the model is ``--model``)."""
+    group = parser.add_argument_group("engine")
+    for f in dataclasses.fields(EngineArgs):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        elif f.name == "model":
+            group.add_argument(flag, required=True, help="path to an HF checkpoint folder")
+        else:
+            group.add_argument(flag, type=_FLAG_TYPES[f.type], default=f.default)
+
+
+def engine_kwargs(ns: argparse.Namespace) -> dict:
+    return {f.name: getattr(ns, f.name) for f in dataclasses.fields(EngineArgs) if f.name != "model"}
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--n", type=int, default=1)
+    g.add_argument("--sampling-seed", type=int, default=None, help="per-request seed")
+    g.add_argument("--stop", action="append", default=None)
+
+
+def sampling_params(ns: argparse.Namespace):
+    from kvtier.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=ns.max_tokens, temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k, min_p=ns.min_p,
+        repetition_penalty=ns.repetition_penalty, n=ns.n, seed=ns.sampling_seed, stop=ns.stop,
+    )
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    from kvtier.entrypoints.llm import LLM
+
+    llm = LLM(ns.model, **engine_kwargs(ns))
+    prompts = ns.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    for out in llm.generate(prompts, sampling_params(ns), use_tqdm=len(prompts) > 1):
+        for c in out.outputs:
+            print(json.dumps({"prompt": out.prompt, "index": c.index, "text": c.text, "finish_reason": c.finish_reason}) if ns.json else f"{out.prompt}{c.text}")
+    return 0
+
+
+def cmd_chat(ns: argparse.Namespace) -> int:
+    from kvtier.entrypoints.llm import LLM
+
+    llm = LLM(ns.model, **engine_kwargs(ns))
+    params = sampling_params(ns)
+    history: list[dict] = [{"role": "system", "content": ns.system}] if ns.system else []
+    print("kvtier chat: type a message, empty line or Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        history.append({"role": "user", "content": line})
+        reply = llm.chat(history, params, use_tqdm=False)[0].outputs[0].text
+        print(reply)
+        history.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def cmd_info(ns: argparse.Namespace) -> int:
+    from kvtier.engine.llm_engine import LLMEngine
+    from kvtier.engine.metrics import engine_metrics
+
+    engine = LLMEngine(EngineArgs(model=ns.model, **engine_kwargs(ns)))
+    cfg, plan = engine.model_config, engine.memory_plan
+    params = sum(p.numel() for p in engine.model.parameters())
+    info = {
+        "architecture": cfg.architecture,
+        "parameters": params,
+        "dtype": str(cfg.dtype).removeprefix("torch."),
+        "device": str(engine.device),
+        "layers": cfg.num_hidden_layers,
+        "heads": cfg.num_attention_heads,
+        "kv_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "max_model_len": engine.max_model_len,
+        "memory_plan": {
+            "kv_budget_bytes": plan.budget_bytes,
+            "kv_bytes_per_token": plan.bytes_per_token,
+            "block_size": plan.block_size,
+            "bytes_per_block": plan.bytes_per_block,
+            "num_blocks": plan.num_blocks,
+            "num_host_blocks": plan.num_host_blocks,
+            "max_cached_tokens": plan.num_blocks * plan.block_size,
+        },
+        "kv_cache": {k: v for k, v in engine_metrics(engine).items() if k.startswith("kv_")},
+    }
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_make_checkpoint(ns: argparse.Namespace) -> int:
+    from kvtier.models.checkpoint_builder import build_random_checkpoint
+
+    path = build_random_checkpoint(
+        ns.path, hidden_size=ns.hidden_size, num_hidden_layers=ns.num_hidden_layers, num_attention_heads=ns.num_attention_heads,
+        num_key_value_heads=ns.num_key_value_heads, intermediate_size=ns.intermediate_size, vocab_size=ns.vocab_size, seed=ns.seed,
+    )
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvtier", description="kvtier: KV-cache-centric LLM inference")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate completions for prompts (args or stdin lines)")
+    gen.add_argument("--prompt", action="append", help="a prompt; repeat for a batch")
+    gen.add_argument("--json", action="store_true", help="print one JSON object per completion")
+    add_engine_flags(gen)
+    add_sampling_flags(gen)
+    gen.set_defaults(func=cmd_generate)
+    chat = sub.add_parser("chat", help="interactive chat through the checkpoint's chat template")
+    chat.add_argument("--system", default=None)
+    add_engine_flags(chat)
+    add_sampling_flags(chat)
+    chat.set_defaults(func=cmd_chat)
+    info = sub.add_parser("info", help="architecture, parameters, KV bytes per token and the memory plan")
+    add_engine_flags(info)
+    info.set_defaults(func=cmd_info)
+    mk = sub.add_parser("make-checkpoint", help="write a random-weight Llama HF checkpoint folder")
+    mk.add_argument("path")
+    mk.add_argument("--hidden-size", type=int, default=512)
+    mk.add_argument("--num-hidden-layers", type=int, default=8)
+    mk.add_argument("--num-attention-heads", type=int, default=8)
+    mk.add_argument("--num-key-value-heads", type=int, default=4)
+    mk.add_argument("--intermediate-size", type=int, default=1408)
+    mk.add_argument("--vocab-size", type=int, default=32000)
+    mk.add_argument("--seed", type=int, default=0)
+    mk.set_defaults(func=cmd_make_checkpoint)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return ns.func(ns)
+    except KvtierError as e:
+        print(f"kvtier: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

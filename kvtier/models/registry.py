@@ -1,0 +1,24 @@
+"""Architectures kvtier implements, keyed by the name in ``config.json``'s ``architectures``."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from kvtier.errors import UnsupportedArchitectureError
+from kvtier.models.llama import LlamaForCausalLM
+
+MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": LlamaForCausalLM,
+}
+
+
+def model_class(architecture: str) -> type[nn.Module]:
+    try:
+        return MODEL_REGISTRY[architecture]
+    except KeyError:
+        raise UnsupportedArchitectureError(
+            f"model: architecture {architecture!r} is not supported; supported: {', '.join(sorted(MODEL_REGISTRY))}"
+        ) from None

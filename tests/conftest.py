@@ -1,0 +1,23 @@
+"""Session fixtures shared by the test suite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvtier.models.checkpoint_builder import build_random_checkpoint
+from tests.hf_checkpoints import save_hf_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tokenizer_files(tmp_path_factory) -> Path:
+    """A folder whose tokenizer files are copied into the HF-built checkpoints."""
+    path = tmp_path_factory.mktemp("tok")
+    build_random_checkpoint(path, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64, vocab_size=512, tokenizer_vocab_size=512)
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory, tokenizer_files) -> Path:
+    return save_hf_checkpoint(tmp_path_factory.mktemp("llama"), tokenizer_files, "LlamaForCausalLM")
