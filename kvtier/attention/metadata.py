@@ -1,12 +1,12 @@
-"""Per-step attention metadata: where new K/V go and which cache slots each query reads.
+"""Per-step attention metadata: where new K/V go and which cache blocks each query reads.
 
 Built once per engine step by the model runner and shared by every layer, so the
-per-layer work is only gathers and SDPA calls.
+per-layer work is only gathers and matmuls.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,37 +23,64 @@ class PrefillSpan:
 
 
 @dataclass
-class AttentionMetadata:
-    """Tokens are laid out decodes first (one token each), then prefill chunks."""
+class DecodeGroup:
+    """Decode tokens of similar context length, padded to the group's longest block table."""
 
-    slot_mapping: torch.Tensor  # [T] flat cache slot of every new token
-    num_decode_tokens: int
-    decode_slots: torch.Tensor | None  # [Bd, L] flat slots to gather, padded
-    decode_context_lens: torch.Tensor | None  # [Bd]
-    decode_positions: torch.Tensor | None  # [Bd] position of each decode token
-    prefills: list[PrefillSpan]
-    _masks: dict[int | None, torch.Tensor] | None = None
+    start: int  # offset of the group's first token in the flattened batch
+    block_ids: torch.Tensor  # [size * max_blocks] flattened block tables, padded with block 0
+    context_lens: torch.Tensor  # [size]
+    positions: torch.Tensor  # [size]
+    block_size: int
+    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
-    def decode_mask(self, window: int | None) -> torch.Tensor:
-        """[Bd, 1, 1, L] keys each decode query may see; cached per window size for the step."""
-        if self._masks is None:
-            self._masks = {}
+    @property
+    def size(self) -> int:
+        return self.context_lens.numel()
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        """[size, 1, L] keys each query may see; built once per step and window size."""
         mask = self._masks.get(window)
         if mask is None:
-            key_pos = torch.arange(self.decode_slots.shape[1])
-            mask = key_pos[None, :] < self.decode_context_lens[:, None]
+            num_keys = self.block_ids.numel() // self.size * self.block_size
+            key_pos = torch.arange(num_keys, device=self.context_lens.device)
+            mask = key_pos[None, :] < self.context_lens[:, None]
             if window is not None:
-                mask &= key_pos[None, :] > (self.decode_positions[:, None] - window)
-            mask = mask[:, None, None, :]
+                mask &= key_pos[None, :] > (self.positions[:, None] - window)
+            mask = mask[:, None, :]
             self._masks[window] = mask
         return mask
 
 
+@dataclass
+class AttentionMetadata:
+    """Tokens are laid out decodes first (one token each, grouped by length), then prefill chunks."""
+
+    slot_mapping: torch.Tensor  # [T] flat cache slot of every new token
+    num_decode_tokens: int
+    decode_groups: list[DecodeGroup]
+    prefills: list[PrefillSpan]
+
+
 def prefill_mask(span: PrefillSpan, window: int | None) -> torch.Tensor:
     """[query_len, context_len] causal (and sliding-window) visibility for one chunk."""
-    key_pos = torch.arange(span.context_len)
+    key_pos = torch.arange(span.context_len, device=span.positions.device)
     q_pos = span.positions[:, None]
     mask = key_pos[None, :] <= q_pos
     if window is not None:
         mask &= key_pos[None, :] > q_pos - window
     return mask
+
+
+def group_by_length(num_blocks: list[int], slack_blocks: int = 4, ratio: float = 1.5) -> list[int]:
+    """Split lengths sorted ascending into runs whose longest is within ``ratio`` x (or ``slack_blocks``) of their shortest.
+
+    Returns run sizes. Bounds padding in the decode gather to a small factor of the real work.
+    """
+    sizes: list[int] = []
+    first = None
+    for n in num_blocks:
+        if first is None or (n > first * ratio and n > first + slack_blocks):
+            sizes.append(0)
+            first = n
+        sizes[-1] += 1
+    return sizes

@@ -1,9 +1,11 @@
-"""Attention over a paged KV cache (the PagedAttention data path, done with SDPA on gathered slots).
+"""Attention over a paged KV cache (the PagedAttention data path, done with matmuls on gathered blocks).
 
-Each layer's cache is one tensor [num_blocks * block_size, kv_heads, head_dim]; a sequence's
-keys live in the slots its block table names. Grouped-query attention is handled without
-repeating K/V: the query heads that share a KV head are folded into the query-length axis.
-This is the op a GPU kernel replaces; its signature is the whole interface.
+Each layer's cache is K and V as [kv_heads, num_blocks * block_size, head_dim]; a sequence's keys
+live in the blocks its block table names. Heads-outermost makes one head's cache a 2-D table of
+whole blocks, so a decode gather is a row gather straight into the [batch, keys, head_dim]
+layout a batched matmul wants. Decodes come in groups of similar length to bound padding.
+Grouped-query attention needs no K/V repeat: the query heads that share a KV head are folded
+into the query-length axis. This is the op a GPU kernel replaces.
 """
 
 from __future__ import annotations
@@ -11,13 +13,37 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvtier.attention.metadata import AttentionMetadata, prefill_mask
+from kvtier.attention.metadata import AttentionMetadata, DecodeGroup, prefill_mask
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
     """Store the new tokens' K/V [T, Hkv, D] at their slots."""
-    k_cache.index_copy_(0, slots, k)
-    v_cache.index_copy_(0, slots, v)
+    k_cache.index_copy_(1, slots, k.transpose(0, 1))
+    v_cache.index_copy_(1, slots, v.transpose(0, 1))
+
+
+def _gather(cache_head: torch.Tensor, block_ids: torch.Tensor, batch: int, block_size: int) -> torch.Tensor:
+    """[batch, max_blocks * block_size, D] rows of one KV head: a 2-D row gather, the fastest on CPU."""
+    slots, dim = cache_head.shape
+    table = cache_head.view(slots // block_size, block_size * dim)
+    return F.embedding(block_ids, table).view(batch, -1, dim)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup, scale: float, window: int | None) -> torch.Tensor:
+    """q [B, H, D] -> [B, H, D]: one query per sequence, one KV head at a time."""
+    batch, num_heads, dim = q.shape
+    num_kv = k_cache.shape[0]
+    per_kv = num_heads // num_kv
+    qd = q.view(batch, num_kv, per_kv, dim)
+    out = torch.empty_like(qd)
+    mask = group.mask(window)
+    for h in range(num_kv):
+        keys = _gather(k_cache[h], group.block_ids, batch, group.block_size)
+        values = _gather(v_cache[h], group.block_ids, batch, group.block_size)
+        scores = torch.bmm(qd[:, h], keys.transpose(1, 2)).mul_(scale)
+        scores.masked_fill_(~mask, float("-inf"))
+        torch.bmm(scores.softmax(-1, dtype=torch.float32).to(q.dtype), values, out=out[:, h])
+    return out.view(batch, num_heads, dim)
 
 
 def paged_attention(
@@ -36,24 +62,19 @@ def paged_attention(
     num_kv = k.shape[1]
     group = num_heads // num_kv
     out = torch.empty_like(q)
-    nd = meta.num_decode_tokens
-    if nd:
-        # [Bd, Hkv, group, D] queries against [Bd, Hkv, L, D] keys.
-        qd = q[:nd].view(nd, num_kv, group, head_dim)
-        kd = k_cache[meta.decode_slots].transpose(1, 2)
-        vd = v_cache[meta.decode_slots].transpose(1, 2)
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask(window), scale=scale)
-        out[:nd] = od.reshape(nd, num_heads, head_dim)
+    for g in meta.decode_groups:
+        rows = slice(g.start, g.start + g.size)
+        out[rows] = decode_attention(q[rows], k_cache, v_cache, g, scale, window)
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.query_len)
         if span.slots is None:
-            kc, vc = k[rows], v[rows]
+            kc, vc = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
         else:
-            kc, vc = k_cache[span.slots], v_cache[span.slots]
+            kc, vc = k_cache.index_select(1, span.slots), v_cache.index_select(1, span.slots)
         # [Hkv, group * Lq, D] queries; the mask repeats for every head of the group.
         qp = q[rows].view(span.query_len, num_kv, group, head_dim).permute(1, 2, 0, 3)
         qp = qp.reshape(num_kv, group * span.query_len, head_dim)
         mask = prefill_mask(span, window).repeat(group, 1)
-        op = F.scaled_dot_product_attention(qp, kc.transpose(0, 1), vc.transpose(0, 1), attn_mask=mask, scale=scale)
+        op = F.scaled_dot_product_attention(qp, kc, vc, attn_mask=mask, scale=scale)
         out[rows] = op.view(num_kv, group, span.query_len, head_dim).permute(2, 0, 1, 3).reshape(span.query_len, num_heads, head_dim)
     return out

@@ -30,16 +30,16 @@ class MemoryPlan:
 
 
 class KVStorage:
-    """Per layer, K and V as [num_blocks * block_size, kv_heads, head_dim] views of one allocation."""
+    """Per layer, K and V as [kv_heads, num_blocks * block_size, head_dim] views of one allocation."""
 
     def __init__(self, plan: MemoryPlan, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
         slots = plan.num_blocks * plan.block_size
         self.block_size = plan.block_size
         # zeros, not empty: padded gathers read unused slots, and NaN garbage would leak through masks
-        self.device_kv = torch.zeros(num_layers, 2, slots, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.device_kv = torch.zeros(num_layers, 2, num_kv_heads, slots, head_dim, dtype=dtype, device=device)
         host_slots = plan.num_host_blocks * plan.block_size
         pin = device.type == "cuda"
-        self.host_kv = torch.zeros(num_layers, 2, host_slots, num_kv_heads, head_dim, dtype=dtype, pin_memory=pin)
+        self.host_kv = torch.zeros(num_layers, 2, num_kv_heads, host_slots, head_dim, dtype=dtype, pin_memory=pin)
 
     def layer_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(layer[0], layer[1]) for layer in self.device_kv]
@@ -53,7 +53,7 @@ class KVStorage:
             return
         s = self._slots([p[0] for p in pairs], src.device)
         d = self._slots([p[1] for p in pairs], dst.device)
-        dst[:, :, d] = src[:, :, s].to(dst.device)
+        dst[:, :, :, d] = src[:, :, :, s].to(dst.device)
 
     def apply(self, ops: CacheOps) -> None:
         """Swap out first (freed blocks may be rewritten this step), then swap in, then copy-on-write."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kvtier.attention.metadata import AttentionMetadata, PrefillSpan
+from kvtier.attention.metadata import AttentionMetadata, DecodeGroup, PrefillSpan, group_by_length
 from kvtier.cache.kv_cache_manager import KVCacheManager
 from kvtier.cache.kv_storage import KVStorage
 from kvtier.engine.scheduler import Chunk
@@ -35,46 +35,46 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, chunks: list[Chunk], sample_ids: set[int], prompt_logit_ids: set[int]) -> StepLogits:
-        decodes = [c for c in chunks if c.num_tokens == 1]
+        decodes = sorted((c for c in chunks if c.num_tokens == 1), key=lambda c: len(self.kv.tables[c.seq.seq_id]))
         prefills = [c for c in chunks if c.num_tokens > 1]
         ids: list[int] = []
         positions: list[int] = []
         slot_parts: list[torch.Tensor] = []
-        meta_decode = self._decode_inputs(decodes, ids, positions, slot_parts)
+        groups = self._decode_groups(decodes, ids, positions, slot_parts)
         spans: list[PrefillSpan] = []
+        dev = self.device
         for c in prefills:
             start = len(ids)
             ids.extend(c.seq.token_ids[c.start : c.start + c.num_tokens])
             positions.extend(range(c.start, c.start + c.num_tokens))
             slot_parts.append(self._slots(c.seq.seq_id, c.start, c.num_tokens))
             ctx = c.start + c.num_tokens
-            gather = None if c.start == 0 else self._slots(c.seq.seq_id, 0, ctx).to(self.device)
-            spans.append(PrefillSpan(start, c.num_tokens, ctx, gather, torch.arange(c.start, ctx)))
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.cat(slot_parts).to(dev),
-            num_decode_tokens=len(decodes),
-            decode_slots=meta_decode[0],
-            decode_context_lens=meta_decode[1],
-            decode_positions=meta_decode[2],
-            prefills=spans,
-        )
+            gather = None if c.start == 0 else self._slots(c.seq.seq_id, 0, ctx).to(dev)
+            spans.append(PrefillSpan(start, c.num_tokens, ctx, gather, torch.arange(c.start, ctx, device=dev)))
+        meta = AttentionMetadata(torch.cat(slot_parts).to(dev), len(decodes), groups, spans)
         hidden = self.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), self.kv_caches, meta)
         return self._logits(decodes + prefills, hidden, sample_ids, prompt_logit_ids)
 
-    def _decode_inputs(self, decodes: list[Chunk], ids: list[int], positions: list[int], slot_parts: list[torch.Tensor]):
+    def _decode_groups(self, decodes: list[Chunk], ids: list[int], positions: list[int], slot_parts: list[torch.Tensor]) -> list[DecodeGroup]:
+        """Decode tokens go first, sorted by block count and split into groups of similar length."""
         if not decodes:
-            return None, None, None
+            return []
         bs = self.block_size
         tables = [self.kv.block_ids(c.seq.seq_id) for c in decodes]
-        width = max(len(t) for t in tables)
-        padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
         pos = torch.tensor([c.start for c in decodes], dtype=torch.long)
         ids.extend(c.seq.token_ids[c.start] for c in decodes)
         positions.extend(pos.tolist())
-        slot_parts.append(padded.gather(1, (pos // bs)[:, None]).squeeze(1) * bs + pos % bs)
-        slots = (padded[:, :, None] * bs + torch.arange(bs)).reshape(len(decodes), width * bs)
-        return slots.to(self.device), (pos + 1).to(self.device), pos.to(self.device)
+        last_block = torch.tensor([t[p // bs] for t, p in zip(tables, pos.tolist())], dtype=torch.long)
+        slot_parts.append(last_block * bs + pos % bs)
+        groups, start = [], 0
+        for size in group_by_length([len(t) for t in tables]):
+            rows = tables[start : start + size]
+            width = len(rows[-1])
+            flat = torch.tensor([b for t in rows for b in t + [0] * (width - len(t))], dtype=torch.long, device=self.device)
+            p = pos[start : start + size].to(self.device)
+            groups.append(DecodeGroup(start, flat, p + 1, p, bs))
+            start += size
+        return groups
 
     def _logits(self, ordered: list[Chunk], hidden: torch.Tensor, sample_ids: set[int], prompt_logit_ids: set[int]) -> StepLogits:
         rows: list[int] = []
