@@ -19,7 +19,7 @@ def beam_score(seq: Sequence, length_penalty: float) -> float:
 
 def ranked_beams(req: Request) -> list[Sequence]:
     beam = req.beam
-    pool = req.finished_beams + req.live_seqs
+    pool = req.finished_beams + req.seqs
     return sorted(pool, key=lambda s: beam_score(s, beam.length_penalty), reverse=True)[: beam.beam_width]
 
 

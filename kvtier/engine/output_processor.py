@@ -20,7 +20,7 @@ class OutputProcessor:
 
     def start(self, req: Request, seq: Sequence) -> None:
         if self.needs_incremental_text(req) and seq.detokenizer is None:
-            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, req.params.skip_special_tokens)
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.token_ids[: seq.prompt_len], req.params.skip_special_tokens)
             for t in seq.output_token_ids:
                 seq.detokenizer.append(t)
 

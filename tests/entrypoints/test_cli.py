@@ -1,0 +1,57 @@
+"""The ``kvtier`` command line, run as a user would: a subprocess on a real checkpoint folder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def kvtier(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kvtier.entrypoints.cli", *args], capture_output=True, text=True, input=stdin, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "tiny"
+    r = kvtier("make-checkpoint", str(path), "--hidden-size", "64", "--num-hidden-layers", "2", "--num-attention-heads", "4",
+               "--num-key-value-heads", "2", "--intermediate-size", "128", "--vocab-size", "4096")
+    assert r.returncode == 0, r.stderr
+    return path
+
+
+def test_generate_prints_one_json_line_per_completion(model_dir):
+    r = kvtier("generate", "--model", str(model_dir), "--prompt", "def f(x):", "--prompt", "import os", "--max-tokens", "5", "--n", "2",
+               "--sampling-seed", "1", "--temperature", "1.0", "--json", "--kv-cache-memory", str(1 << 22))
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [(x["prompt"], x["index"]) for x in lines] == [("def f(x):", 0), ("def f(x):", 1), ("import os", 0), ("import os", 1)]
+    assert all(x["finish_reason"] in ("length", "stop") for x in lines)
+
+
+def test_info_reports_the_memory_plan(model_dir):
+    r = kvtier("info", "--model", str(model_dir), "--kv-cache-memory", str(1 << 20), "--block-size", "16")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    per_token = 2 * 2 * 2 * 16 * 4  # K+V, layers, kv heads, head_dim, fp32
+    assert info["architecture"] == "LlamaForCausalLM"
+    assert info["memory_plan"]["kv_bytes_per_token"] == per_token
+    assert info["memory_plan"]["num_blocks"] == (1 << 20) // (per_token * 16)
+    assert info["kv_cache"]["kv_blocks_free"] == info["memory_plan"]["num_blocks"]
+    emb, layer = 4096 * 64, 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 64
+    assert info["parameters"] == 2 * emb + 2 * layer + 64
+
+
+def test_bad_flag_value_is_a_clear_error(model_dir):
+    r = kvtier("generate", "--model", str(model_dir), "--prompt", "x", "--top-p", "1.5")
+    assert r.returncode == 2 and "top_p" in r.stderr and "(0, 1]" in r.stderr
+    r = kvtier("generate", "--model", str(model_dir / "missing"), "--prompt", "x")
+    assert r.returncode == 2 and "missing" in r.stderr
+
+
+def test_chat_reads_turns_from_stdin(model_dir):
+    r = kvtier("chat", "--model", str(model_dir), "--max-tokens", "3", "--kv-cache-memory", str(1 << 22), stdin="hello\nhow are you\n")
+    assert r.returncode == 0, r.stderr
+    assert len([line for line in r.stdout.splitlines() if line.startswith("> ")]) >= 2
