@@ -29,7 +29,7 @@ class EngineArgs:
     device: str = "auto"
     max_model_len: int | None = None
     block_size: int = 16
-    kv_cache_memory: int = 1 * GiB  # bytes of KV cache on CPU
+    kv_cache_memory: int | None = None  # bytes of KV cache; None: 1 GiB on CPU, from gpu_memory_utilization on GPU
     gpu_memory_utilization: float = 0.9  # fraction of GPU memory for weights + activations + KV cache
     swap_space: float = 4.0  # GiB of host memory for swapped-out blocks
     enable_prefix_caching: bool = True
@@ -50,7 +50,8 @@ class EngineArgs:
         if self.max_model_len is not None:
             _require_int("max_model_len", self.max_model_len, 1)
         _require_int("block_size", self.block_size, 1, 1024)
-        _require_int("kv_cache_memory", self.kv_cache_memory, 1)
+        if self.kv_cache_memory is not None:
+            _require_int("kv_cache_memory", self.kv_cache_memory, 1)
         if not 0 < self.gpu_memory_utilization <= 1:
             raise InvalidArgumentError("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.swap_space < 0:

@@ -65,14 +65,16 @@ class LLMEngine:
         cfg, args = self.model_config, self.args
         per_token = cfg.kv_bytes_per_token
         swap = int(args.swap_space * GiB) if args.preemption_mode == "swap" else 0
-        if self.device.type == "cuda":
+        if args.kv_cache_memory is not None:
+            budget = args.kv_cache_memory
+        elif self.device.type == "cuda":
             total = torch.cuda.get_device_properties(self.device).total_memory
             # activations: a step's hidden states and MLP, plus fp32 logits for every running sequence
             act = (args.max_num_batched_tokens or 2048) * (cfg.hidden_size * 8 + cfg.intermediate_size * 4) * 4
             act += args.max_num_seqs * cfg.vocab_size * 4 * 3
             budget = int(total * args.gpu_memory_utilization) - torch.cuda.memory_allocated(self.device) - act
         else:
-            budget = args.kv_cache_memory
+            budget = GiB
         return MemoryPlan.from_budget(max(0, budget), swap, args.block_size, per_token)
 
     # ---- requests ----------------------------------------------------------------------------

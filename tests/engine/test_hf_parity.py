@@ -27,7 +27,7 @@ class LogitSpy:
         def execute(*args, **kwargs):
             out = inner(*args, **kwargs)
             for sid, logits in out.last.items():
-                self.by_seq.setdefault(sid, []).append(logits.clone())
+                self.by_seq.setdefault(sid, []).append(logits.cpu())
             return out
 
         runner.execute = execute
