@@ -72,7 +72,8 @@ def run_kvtier(model: Path, reqs: list[Request], args: argparse.Namespace) -> di
 def run_hf(model: Path, reqs: list[Request], args: argparse.Namespace) -> dict:
     import transformers
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the device kvtier picks with device="auto"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval().to(device)
     start = time.perf_counter()
     i = 0
     while i < len(reqs):
@@ -86,7 +87,7 @@ def run_hf(model: Path, reqs: list[Request], args: argparse.Namespace) -> dict:
             mask[row, width - len(r.prompt_token_ids) :] = 1
         new = max(r.output_len for r in batch)
         with torch.no_grad():
-            out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+            out = hf.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
         assert out.shape[1] == width + new
     return {"elapsed_s": time.perf_counter() - start}
 

@@ -130,40 +130,41 @@ class KVCacheManager:
 
     def swap_out(self, seq_ids: Sequence[int]) -> None:
         """Move the sequences' blocks to host memory, keeping sharing among them."""
-        mapping: dict[int, KVBlock] = {}
-        for sid in seq_ids:
-            host_table = []
-            for block in self.tables.pop(sid):
-                host = mapping.get(id(block))
-                if host is None:
-                    host = mapping[id(block)] = self.host_pool.allocate()
-                    self.ops.swap_out.append((block.block_id, host.block_id))
-                else:
-                    self.host_pool.acquire(host)
-                host_table.append(host)
-                self.pool.release(block)
-            self.host_tables[sid] = host_table
-            if self.prefix_cache is not None:
+        _move_tables(seq_ids, self.tables, self.pool, self.host_tables, self.host_pool, self.ops.swap_out)
+        if self.prefix_cache is not None:
+            for sid in seq_ids:
                 self.prefix_cache.drop_sequence(sid)
 
     def can_swap_in(self, seq_ids: Sequence[int], reserve: int = 0) -> bool:
         return len(self._distinct([self.host_tables[s] for s in seq_ids])) <= self.pool.num_free - reserve
 
     def swap_in(self, seq_ids: Sequence[int]) -> None:
-        mapping: dict[int, KVBlock] = {}
-        for sid in seq_ids:
-            table = []
-            for host in self.host_tables.pop(sid):
-                block = mapping.get(id(host))
-                if block is None:
-                    block = mapping[id(host)] = self.pool.allocate()
-                    self.ops.swap_in.append((host.block_id, block.block_id))
-                else:
-                    self.pool.acquire(block)
-                table.append(block)
-                self.host_pool.release(host)
-            self.tables[sid] = table
+        _move_tables(seq_ids, self.host_tables, self.host_pool, self.tables, self.pool, self.ops.swap_in)
 
     def take_ops(self) -> CacheOps:
         ops, self.ops = self.ops, CacheOps()
         return ops
+
+
+def _move_tables(
+    seq_ids: Sequence[int],
+    src_tables: dict[int, list[KVBlock]],
+    src_pool: BlockPool,
+    dst_tables: dict[int, list[KVBlock]],
+    dst_pool: BlockPool,
+    copies: list[tuple[int, int]],
+) -> None:
+    """Re-home the sequences' tables in ``dst_pool``; a block shared among them gets one copy, still shared."""
+    mapping: dict[int, KVBlock] = {}
+    for sid in seq_ids:
+        table = []
+        for block in src_tables.pop(sid):
+            moved = mapping.get(id(block))
+            if moved is None:
+                moved = mapping[id(block)] = dst_pool.allocate()
+                copies.append((block.block_id, moved.block_id))
+            else:
+                dst_pool.acquire(moved)
+            table.append(moved)
+            src_pool.release(block)
+        dst_tables[sid] = table

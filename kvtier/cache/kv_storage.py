@@ -24,7 +24,7 @@ class MemoryPlan:
         return self.bytes_per_token * self.block_size
 
     @classmethod
-    def from_budget(cls, budget_bytes: int, swap_bytes: int, block_size: int, bytes_per_token: int) -> "MemoryPlan":
+    def from_budget(cls, budget_bytes: int, swap_bytes: int, block_size: int, bytes_per_token: int) -> MemoryPlan:
         per_block = bytes_per_token * block_size
         return cls(block_size, bytes_per_token, budget_bytes, budget_bytes // per_block, swap_bytes // per_block)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Sequence as Seq
 from dataclasses import replace
 
 import torch
@@ -21,7 +20,7 @@ from kvtier.errors import InvalidArgumentError, OutOfKVCacheError
 from kvtier.models.config import ModelConfig, parse_dtype
 from kvtier.models.loader import load_model, resolve_model_path
 from kvtier.models.registry import model_class
-from kvtier.outputs import Logprob, RequestMetrics, RequestOutput
+from kvtier.outputs import RequestMetrics, RequestOutput
 from kvtier.sampling.sampler import Sampler, SamplingRow, compute_logprobs
 from kvtier.sampling_params import BeamSearchParams, SamplingParams
 from kvtier.tokenizer import Tokenizer
@@ -46,7 +45,8 @@ class LLMEngine:
         self.model = load_model(path, cfg, dtype, self.device, self.max_model_len)
         self.memory_plan = self._plan_memory()
         if self.memory_plan.num_blocks < 1:
-            raise OutOfKVCacheError(f"kv_cache_memory: {self.memory_plan.budget_bytes} bytes hold no block of {self.memory_plan.bytes_per_block} bytes")
+            knob = "kv_cache_memory" if args.kv_cache_memory is not None or self.device.type != "cuda" else "gpu_memory_utilization"
+            raise OutOfKVCacheError(f"{knob}: the KV budget of {self.memory_plan.budget_bytes} bytes holds no block of {self.memory_plan.bytes_per_block} bytes; raise {knob}")
         self.kv = KVCacheManager(self.memory_plan.num_blocks, args.block_size, args.enable_prefix_caching, self.memory_plan.num_host_blocks)
         self.storage = KVStorage(self.memory_plan, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, dtype, self.device)
         budget = args.max_num_batched_tokens or (2048 if args.enable_chunked_prefill else self.max_model_len)
@@ -68,11 +68,12 @@ class LLMEngine:
         if args.kv_cache_memory is not None:
             budget = args.kv_cache_memory
         elif self.device.type == "cuda":
-            total = torch.cuda.get_device_properties(self.device).total_memory
+            free, total = torch.cuda.mem_get_info(self.device)
             # activations: a step's hidden states and MLP, plus fp32 logits for every running sequence
             act = (args.max_num_batched_tokens or 2048) * (cfg.hidden_size * 8 + cfg.intermediate_size * 4) * 4
             act += args.max_num_seqs * cfg.vocab_size * 4 * 3
-            budget = int(total * args.gpu_memory_utilization) - torch.cuda.memory_allocated(self.device) - act
+            # leave (1 - utilization) of the whole GPU free, counting what others already hold
+            budget = free - int(total * (1 - args.gpu_memory_utilization)) - act
         else:
             budget = GiB
         return MemoryPlan.from_budget(max(0, budget), swap, args.block_size, per_token)

@@ -8,7 +8,7 @@ if TYPE_CHECKING:
     from kvtier.engine.llm_engine import LLMEngine
 
 
-def kv_waste_slots(engine: "LLMEngine") -> int:
+def kv_waste_slots(engine: LLMEngine) -> int:
     """Slots reserved in live blocks but holding no token (a shared block counts once)."""
     bs = engine.kv.block_size
     filled: dict[int, int] = {}
@@ -25,7 +25,7 @@ def kv_waste_slots(engine: "LLMEngine") -> int:
     return sum(bs - used for used in filled.values())
 
 
-def engine_metrics(engine: "LLMEngine") -> dict[str, float]:
+def engine_metrics(engine: LLMEngine) -> dict[str, float]:
     kv, sched, plan = engine.kv, engine.scheduler, engine.memory_plan
     pool = kv.pool
     used = pool.num_blocks - pool.num_free

@@ -48,7 +48,7 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def fork(self, index: int) -> "Sequence":
+    def fork(self, index: int) -> Sequence:
         return Sequence(
             token_ids=list(self.token_ids),
             prompt_len=self.prompt_len,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import sys
 from collections.abc import Sequence
@@ -120,12 +121,16 @@ def cmd_info(ns: argparse.Namespace) -> int:
 def cmd_make_checkpoint(ns: argparse.Namespace) -> int:
     from kvtier.models.checkpoint_builder import build_random_checkpoint
 
-    path = build_random_checkpoint(
-        ns.path, hidden_size=ns.hidden_size, num_hidden_layers=ns.num_hidden_layers, num_attention_heads=ns.num_attention_heads,
-        num_key_value_heads=ns.num_key_value_heads, intermediate_size=ns.intermediate_size, vocab_size=ns.vocab_size, seed=ns.seed,
-    )
-    print(path)
+    print(build_random_checkpoint(ns.path, **{name: getattr(ns, name) for name in _builder_options()}))
     return 0
+
+
+def _builder_options() -> dict[str, inspect.Parameter]:
+    """``build_random_checkpoint``'s keyword options: the flags of ``make-checkpoint``, with its defaults."""
+    from kvtier.models.checkpoint_builder import build_random_checkpoint
+
+    params = inspect.signature(build_random_checkpoint).parameters.values()
+    return {p.name: p for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,13 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
     mk = sub.add_parser("make-checkpoint", help="write a random-weight Llama HF checkpoint folder")
     mk.add_argument("path")
-    mk.add_argument("--hidden-size", type=int, default=512)
-    mk.add_argument("--num-hidden-layers", type=int, default=8)
-    mk.add_argument("--num-attention-heads", type=int, default=8)
-    mk.add_argument("--num-key-value-heads", type=int, default=4)
-    mk.add_argument("--intermediate-size", type=int, default=1408)
-    mk.add_argument("--vocab-size", type=int, default=32000)
-    mk.add_argument("--seed", type=int, default=0)
+    for name, p in _builder_options().items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(p.default, bool):
+            mk.add_argument(flag, action=argparse.BooleanOptionalAction, default=p.default)
+        else:
+            mk.add_argument(flag, type=type(p.default), default=p.default)
     mk.set_defaults(func=cmd_make_checkpoint)
     return parser
 

@@ -28,14 +28,14 @@ def peak_blocks(llm: LLM, prompt: list[int], params: SamplingParams) -> int:
 
 def test_parallel_sampling_shares_prompt_blocks(long_ctx_dir):
     prompt = [3 + i % 500 for i in range(1000)]
-    single = peak_blocks(LLM(str(long_ctx_dir), enable_prefix_caching=False), prompt, SamplingParams(n=1, max_tokens=32, ignore_eos=True, seed=0))
-    eight = peak_blocks(LLM(str(long_ctx_dir), enable_prefix_caching=False), prompt, SamplingParams(n=8, max_tokens=32, ignore_eos=True, seed=0, temperature=1.0))
+    single = peak_blocks(LLM(str(long_ctx_dir), enable_prefix_caching=False, kv_cache_memory=1 << 24), prompt, SamplingParams(n=1, max_tokens=32, ignore_eos=True, seed=0))
+    eight = peak_blocks(LLM(str(long_ctx_dir), enable_prefix_caching=False, kv_cache_memory=1 << 24), prompt, SamplingParams(n=8, max_tokens=32, ignore_eos=True, seed=0, temperature=1.0))
     assert single >= 1000 // 16
     assert eight < 2 * single, (single, eight)
 
 
 def test_n_samples_are_distinct_and_reproducible(long_ctx_dir):
-    llm = LLM(str(long_ctx_dir))
+    llm = LLM(str(long_ctx_dir), kv_cache_memory=1 << 24)
     params = SamplingParams(n=4, max_tokens=12, ignore_eos=True, seed=7, temperature=1.0)
     a = llm.generate({"prompt_token_ids": list(range(3, 40))}, params, use_tqdm=False)[0]
     b = llm.generate([{"prompt_token_ids": list(range(5, 90))}, {"prompt_token_ids": list(range(3, 40))}], params, use_tqdm=False)[1]
@@ -54,7 +54,7 @@ def test_n_samples_are_distinct_and_reproducible(long_ctx_dir):
     ],
 )
 def test_bad_prompts_name_the_field(long_ctx_dir, prompt, params, field):
-    llm = LLM(str(long_ctx_dir))
+    llm = LLM(str(long_ctx_dir), kv_cache_memory=1 << 24)
     with pytest.raises(InvalidArgumentError) as e:
         llm.generate(prompt, params, use_tqdm=False)
     assert e.value.field == field
@@ -77,7 +77,7 @@ def test_bad_engine_args(tmp_path, long_ctx_dir):
         LLM(str(long_ctx_dir), block_sizes=4)
     assert e.value.field == "block_sizes"
     with pytest.raises(InvalidArgumentError) as e:
-        LLM(str(long_ctx_dir), block_size=0)
+        LLM(str(long_ctx_dir), block_size=0, kv_cache_memory=1 << 24)
     assert e.value.field == "block_size"
     bad = tmp_path / "gpt2"
     bad.mkdir()
@@ -89,7 +89,7 @@ def test_bad_engine_args(tmp_path, long_ctx_dir):
 
 
 def test_engine_keeps_serving_after_a_bad_request(long_ctx_dir):
-    llm = LLM(str(long_ctx_dir))
+    llm = LLM(str(long_ctx_dir), kv_cache_memory=1 << 24)
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
     prompts = [list(range(3, 30)), list(range(40, 90))]
     alone = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
