@@ -188,7 +188,11 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int], skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
-        self._ids: list[int] = list(prompt_token_ids)[-self.CONTEXT_TOKENS :]
+        context = list(prompt_token_ids)[-self.CONTEXT_TOKENS :]
+        # a prompt ending mid-character would glue its bytes to the output's: then decode without context
+        if tokenizer.decode(context, skip_special_tokens).endswith(_REPLACEMENT_CHAR):
+            context = []
+        self._ids: list[int] = context
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
         self.text = ""  # all output text emitted so far

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# CI replays the same examples every run (hypothesis' advice for CI); local runs explore new ones.
+settings.register_profile("ci", derandomize=True, deadline=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 from kvtier.models.checkpoint_builder import build_random_checkpoint
 from tests.hf_checkpoints import save_hf_checkpoint
