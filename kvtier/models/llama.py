@@ -125,9 +125,9 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError(f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
             dst.copy_(tensor)
             filled.add(f"{target}#{shard}")
-        missing = [n for n in self._expected_fills(params) if n not in filled]
+        missing = [_hf_name(n) for n in self._expected_fills(params) if n not in filled]
         if missing:
-            raise KeyError(f"checkpoint lacks tensors for: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+            raise KeyError(f"checkpoint lacks tensors: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
 
     def _shard_sizes(self, target: str) -> list[int]:
         if "qkv_proj" in target:
@@ -146,3 +146,13 @@ class LlamaForCausalLM(nn.Module):
             else:
                 out.append(f"{name}#None")
         return out
+
+
+def _hf_name(fill: str) -> str:
+    """Our ``param#shard`` bookkeeping name back to the checkpoint's tensor name."""
+    name, shard = fill.split("#")
+    for frag, (fused, idx) in _PACKED.items():
+        if fused in name and str(idx) == shard:
+            name = name.replace(fused, frag)
+            break
+    return name if name.startswith("lm_head") else "model." + name
