@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from kvtier.config import EngineArgs
-from kvtier.errors import KvtierError
+from kvtier.errors import InvalidArgumentError, KvtierError
 
 _FLAG_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}
 
@@ -133,6 +133,18 @@ def _builder_options() -> dict[str, inspect.Parameter]:
     return {p.name: p for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
+def cmd_serve(ns: argparse.Namespace) -> int:
+    from kvtier.entrypoints.openai.api_server import run_server
+
+    if ns.max_queue_len is not None and ns.max_queue_len < 1:
+        raise InvalidArgumentError("max_queue_len", f"must be >= 1, got {ns.max_queue_len}")
+    if not 0 < ns.port < 65536:
+        raise InvalidArgumentError("port", f"must be in [1, 65535], got {ns.port}")
+    args = EngineArgs(model=ns.model, **engine_kwargs(ns))
+    run_server(args, ns.host, ns.port, ns.served_model_name, ns.api_key, ns.max_queue_len, ns.shutdown_timeout)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvtier", description="kvtier: KV-cache-centric LLM inference")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -150,6 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="architecture, parameters, KV bytes per token and the memory plan")
     add_engine_flags(info)
     info.set_defaults(func=cmd_info)
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", default=None, help="model name clients send (default: the --model path)")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    serve.add_argument("--max-queue-len", type=int, default=None, help="answer 503 when this many requests already wait")
+    serve.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds in-flight requests get after SIGTERM")
+    add_engine_flags(serve)
+    serve.set_defaults(func=cmd_serve)
     mk = sub.add_parser("make-checkpoint", help="write a random-weight Llama HF checkpoint folder")
     mk.add_argument("path")
     for name, p in _builder_options().items():
