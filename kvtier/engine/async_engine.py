@@ -34,7 +34,7 @@ class AsyncLLMEngine:
         self._ids = itertools.count()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._metrics: dict[str, float] = engine_metrics(engine)
+        self._metrics: dict[str, float] = engine_metrics(engine, with_waste=False)
         self._thread = threading.Thread(target=self._run, name="kvtier-engine", daemon=True)
         self._thread.start()
 
@@ -105,10 +105,10 @@ class AsyncLLMEngine:
         while not self._stop.is_set():
             self._apply_ops()
             if not self.engine.has_unfinished_requests():
-                self._metrics = engine_metrics(self.engine)
+                self._metrics = engine_metrics(self.engine, with_waste=False)
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
             for out in self.engine.step():
                 self._deliver(out.request_id, out)
-            self._metrics = engine_metrics(self.engine)
+            self._metrics = engine_metrics(self.engine, with_waste=False)

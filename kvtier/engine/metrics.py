@@ -25,14 +25,14 @@ def kv_waste_slots(engine: LLMEngine) -> int:
     return sum(bs - used for used in filled.values())
 
 
-def engine_metrics(engine: LLMEngine) -> dict[str, float]:
+def engine_metrics(engine: LLMEngine, with_waste: bool = True) -> dict[str, float]:
+    """Everything in one dict; ``with_waste=False`` skips the one figure that walks every block table."""
     kv, sched, plan = engine.kv, engine.scheduler, engine.memory_plan
     pool = kv.pool
     used = pool.num_blocks - pool.num_free
     pc = kv.prefix_cache
     slots = pool.num_blocks * kv.block_size
-    waste = kv_waste_slots(engine)
-    return {
+    out = {
         "num_requests_running": len(sched.running),
         "num_requests_waiting": len(sched.waiting),
         "num_requests_swapped": len(sched.swapped),
@@ -51,7 +51,10 @@ def engine_metrics(engine: LLMEngine) -> dict[str, float]:
         "kv_host_blocks_total": kv.host_pool.num_blocks,
         "kv_host_blocks_used": kv.host_pool.num_blocks - kv.host_pool.num_free,
         "kv_bytes_per_token": plan.bytes_per_token,
-        "kv_waste_slots": waste,
-        "kv_waste_fraction_of_pool": waste / slots,
-        "kv_waste_fraction_of_used": waste / max(1, used * kv.block_size),
     }
+    if with_waste:
+        waste = kv_waste_slots(engine)
+        out["kv_waste_slots"] = waste
+        out["kv_waste_fraction_of_pool"] = waste / slots
+        out["kv_waste_fraction_of_used"] = waste / max(1, used * kv.block_size)
+    return out

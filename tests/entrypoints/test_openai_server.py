@@ -3,7 +3,6 @@ with the official ``openai`` client; answers are checked against the offline eng
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket

@@ -106,11 +106,11 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
         return list(zip(firsts, streams))
 
     async def final(first: RequestOutput | None, stream: AsyncIterator[RequestOutput]) -> RequestOutput:
-        out = first
+        last = first
         async for out in stream:
-            pass
-        metrics.observe_finished(out)
-        return out
+            last = out
+        metrics.observe_finished(last)
+        return last
 
     def sampling(req: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
         try:
@@ -207,12 +207,14 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
 
         tasks = [asyncio.create_task(pump(i, f, s)) for i, (f, s) in enumerate(started)]
         open_streams = len(tasks)
+        seen: set[str] = set()
         try:
             while open_streams:
                 i, out = await queue.get()
                 if out is None:
                     open_streams -= 1
                     continue
+                seen.add(out.request_id)
                 metrics.observe_output(out)
                 yield i, out
         finally:
@@ -220,6 +222,8 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
                 t.cancel()
             for _, s in started:
                 await s.aclose()
+            for rid in seen:
+                metrics.forget(rid)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest):

@@ -67,6 +67,10 @@ class ServerMetrics:
             self._last.pop(out.request_id, None)
             self.observe_finished(out)
 
+    def forget(self, request_id: str) -> None:
+        """Drop the last-output time of a stream that ended without finishing (client gone)."""
+        self._last.pop(request_id, None)
+
     def observe_finished(self, out: RequestOutput) -> None:
         m = out.metrics
         if m.time_to_first_token is not None:
