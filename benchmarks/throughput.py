@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_line  # noqa: E402
 from workload import Request, add_workload_args, describe, make_workload  # noqa: E402
 
 from kvtier.engine.llm_engine import LLMEngine  # noqa: E402
+from kvtier.machine import machine_line  # noqa: E402
 from kvtier.config import EngineArgs  # noqa: E402
 from kvtier.engine.metrics import engine_metrics  # noqa: E402
 from kvtier.models.checkpoint_builder import build_random_checkpoint  # noqa: E402

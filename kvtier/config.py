@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from kvtier.errors import InvalidArgumentError
+from kvtier.models.embedded import DEFAULT_MODEL, resolve_model
 
 GiB = 1 << 30
 
@@ -22,7 +23,7 @@ def _require_int(name: str, value: object, low: int, high: int | None = None) ->
 
 @dataclass
 class EngineArgs:
-    model: str
+    model: str = DEFAULT_MODEL  # an HF checkpoint folder, or the name of a model shipped with kvtier
     tokenizer: str | None = None
     dtype: str = "auto"
     seed: int = 0
@@ -41,7 +42,10 @@ class EngineArgs:
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
-            raise InvalidArgumentError("model", f"must be a path to an HF checkpoint folder, got {self.model!r}")
+            raise InvalidArgumentError("model", f"must be a path to an HF checkpoint folder or a shipped model's name, got {self.model!r}")
+        self.model = resolve_model(self.model)
+        if self.tokenizer is not None:
+            self.tokenizer = resolve_model(self.tokenizer)
         if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half", "float"):
             raise InvalidArgumentError("dtype", f"must be one of auto, float32, bfloat16, float16; got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,10 @@ from hypothesis import settings
 settings.register_profile("ci", derandomize=True, deadline=None)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+# the benchmark scripts import each other as top-level modules (they put their folder on sys.path); tests do the same,
+# so that a test and a script share one copy of each module
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from kvtier.models.checkpoint_builder import build_random_checkpoint
 from tests.hf_checkpoints import save_hf_checkpoint

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from kvtier.config import EngineArgs
 from kvtier.errors import InvalidArgumentError, KvtierError
+from kvtier.training.train_tiny import add_train_tiny_args, run_train_tiny
 
 _FLAG_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}
 
@@ -23,7 +24,7 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         if f.type == "bool":
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         elif f.name == "model":
-            group.add_argument(flag, required=True, help="path to an HF checkpoint folder")
+            group.add_argument(flag, default=f.default, help=f"an HF checkpoint folder or a shipped model's name (default: {f.default})")
         else:
             group.add_argument(flag, type=_FLAG_TYPES[f.type], default=f.default)
 
@@ -141,7 +142,12 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     if not 0 < ns.port < 65536:
         raise InvalidArgumentError("port", f"must be in [1, 65535], got {ns.port}")
     args = EngineArgs(model=ns.model, **engine_kwargs(ns))
-    run_server(args, ns.host, ns.port, ns.served_model_name, ns.api_key, ns.max_queue_len, ns.shutdown_timeout)
+    run_server(args, ns.host, ns.port, ns.served_model_name or ns.model, ns.api_key, ns.max_queue_len, ns.shutdown_timeout)
+    return 0
+
+
+def cmd_train_tiny(ns: argparse.Namespace) -> int:
+    print(f"wrote {run_train_tiny(ns)}")
     return 0
 
 
@@ -165,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--served-model-name", default=None, help="model name clients send (default: the --model path)")
+    serve.add_argument("--served-model-name", default=None, help="model name clients send (default: --model as given)")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     serve.add_argument("--max-queue-len", type=int, default=None, help="answer 503 when this many requests already wait")
     serve.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds in-flight requests get after SIGTERM")
@@ -180,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             mk.add_argument(flag, type=type(p.default), default=p.default)
     mk.set_defaults(func=cmd_make_checkpoint)
+    tt = sub.add_parser("train-tiny", help="train an embedded model on the stdlib corpus, measure it, write its model card (needs kvtier[train])")
+    add_train_tiny_args(tt)
+    tt.set_defaults(func=cmd_train_tiny)
     return parser
 
 

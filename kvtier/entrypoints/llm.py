@@ -10,6 +10,7 @@ from kvtier.config import EngineArgs
 from kvtier.engine.llm_engine import LLMEngine, PromptInput
 from kvtier.engine.metrics import engine_metrics
 from kvtier.errors import InvalidArgumentError
+from kvtier.models.embedded import DEFAULT_MODEL
 from kvtier.outputs import RequestOutput
 from kvtier.sampling_params import BeamSearchParams, SamplingParams
 from kvtier.tokenizer import Tokenizer
@@ -20,7 +21,7 @@ Params = SamplingParams | BeamSearchParams
 class LLM:
     """One engine, driven to completion for each call."""
 
-    def __init__(self, model: str, **engine_args: object) -> None:
+    def __init__(self, model: str = DEFAULT_MODEL, **engine_args: object) -> None:
         unknown = set(engine_args) - EngineArgs.field_names()
         if unknown:
             name = sorted(unknown)[0]

@@ -19,22 +19,16 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from kvtier.errors import InvalidArgumentError
 from kvtier.models.config import parse_dtype
+from kvtier.training.bpe import BOS_ID, EOS_ID, MIN_VOCAB, PAD_ID, tokenizer_config, train_bpe
 
 # Modules whose source text trains the tokenizer. Sorted so the corpus order never depends on the list's edit history.
 CORPUS_MODULES: tuple[str, ...] = tuple(sorted((
     "argparse", "ast", "collections", "contextlib", "dataclasses", "enum", "functools", "heapq", "inspect", "json",
     "logging", "pathlib", "random", "re", "shutil", "string", "textwrap", "threading", "typing", "unittest",
 )))
-SPECIAL_TOKENS: tuple[str, ...] = ("<s>", "</s>", "<pad>")  # trained first, so their ids are 0, 1, 2
-BOS_ID, EOS_ID, PAD_ID = 0, 1, 2
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
 INIT_STD = 0.02
 
 # Per architecture: config.json's model_type and the keys that transformers' config class adds for it.
@@ -43,7 +37,6 @@ _ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
     "LlamaForCausalLM": ("llama", {"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}),
     "MistralForCausalLM": ("mistral", {"sliding_window": None}),
 }
-_MIN_TOKENIZER_VOCAB = 256 + len(SPECIAL_TOKENS)  # the byte alphabet plus the special tokens
 
 
 def corpus_texts() -> list[str]:
@@ -58,20 +51,8 @@ def corpus_texts() -> list[str]:
 
 
 def train_tokenizer(vocab_size: int) -> HFTokenizer:
-    """Byte-level BPE whose encode prepends ``<s>``, trained deterministically on :func:`corpus_texts`."""
-    tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte is a token, so any text encodes
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus_texts(), trainer=trainer)
-    bos = SPECIAL_TOKENS[BOS_ID]
-    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, BOS_ID)])
-    return tok
+    """The BPE of :mod:`kvtier.training.bpe`, trained on :func:`corpus_texts`."""
+    return train_bpe(corpus_texts(), vocab_size)
 
 
 def _check_positive_ints(**values: object) -> None:
@@ -100,8 +81,8 @@ def _validate(
         raise InvalidArgumentError("tie_word_embeddings", f"must be a bool, got {tie_word_embeddings!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise InvalidArgumentError("seed", f"must be a non-negative integer, got {seed!r}")
-    if tokenizer_vocab_size < _MIN_TOKENIZER_VOCAB:
-        raise InvalidArgumentError("tokenizer_vocab_size", f"must be >= {_MIN_TOKENIZER_VOCAB} (256 bytes + special tokens), got {tokenizer_vocab_size}")
+    if tokenizer_vocab_size < MIN_VOCAB:
+        raise InvalidArgumentError("tokenizer_vocab_size", f"must be >= {MIN_VOCAB} (256 bytes + special tokens), got {tokenizer_vocab_size}")
     if tokenizer_vocab_size > vocab_size:
         raise InvalidArgumentError(
             "tokenizer_vocab_size", f"must be <= vocab_size ({vocab_size}) so every token id has an embedding row, got {tokenizer_vocab_size}"
@@ -207,15 +188,5 @@ def build_random_checkpoint(
                               tie_word_embeddings, torch_dtype, seed)
     save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
     train_tokenizer(tokenizer_vocab_size).save(str(path / "tokenizer.json"))
-    _write_json(path / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": SPECIAL_TOKENS[BOS_ID],
-        "eos_token": SPECIAL_TOKENS[EOS_ID],
-        "pad_token": SPECIAL_TOKENS[PAD_ID],
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": max_position_embeddings,
-        "chat_template": CHAT_TEMPLATE,
-    })
+    _write_json(path / "tokenizer_config.json", tokenizer_config(max_position_embeddings))
     return path

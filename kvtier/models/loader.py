@@ -12,13 +12,15 @@ from torch import nn
 
 from kvtier.errors import ModelNotFoundError
 from kvtier.models.config import ModelConfig
+from kvtier.models.embedded import embedded_models
 from kvtier.models.registry import model_class
 
 
 def resolve_model_path(model: str | Path) -> Path:
     path = Path(model).expanduser()
     if not path.is_dir():
-        raise ModelNotFoundError(f"model: {str(model)!r} is not a checkpoint folder (expected config.json, *.safetensors, tokenizer.json)")
+        raise ModelNotFoundError(f"model: {str(model)!r} is not a checkpoint folder (expected config.json, *.safetensors, tokenizer.json) "
+                                 f"nor a shipped model (shipped: {', '.join(embedded_models()) or 'none'})")
     return path
 
 

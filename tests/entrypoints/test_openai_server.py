@@ -4,49 +4,23 @@ with the official ``openai`` client; answers are checked against the offline eng
 from __future__ import annotations
 
 import re
-import signal
-import socket
 import subprocess
-import sys
 import time
 
 import httpx2 as httpx
 import openai
 import pytest
 
+import server_process
+from server_process import stop
 from kvtier import LLM, SamplingParams
 from kvtier.models.checkpoint_builder import build_random_checkpoint
 
 KV = str(1 << 24)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(model: str, *extra: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "kvtier.entrypoints.cli", "serve", "--model", model, "--served-model-name", "tiny",
-                             "--port", str(port), "--kv-cache-memory", KV, *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not come up in 120 s")
-
-
-def stop(proc: subprocess.Popen) -> int:
-    proc.send_signal(signal.SIGTERM)
-    return proc.wait(timeout=60)
+    return server_process.start_server(model, "--served-model-name", "tiny", "--kv-cache-memory", KV, *extra)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""One line describing the machine a benchmark ran on, printed with every figure."""
+"""One line describing the machine a figure was measured on, printed and stored with every figure."""
 
 from __future__ import annotations
 

@@ -1,0 +1,52 @@
+"""Start ``kvtier serve`` in a subprocess on a free loopback port, wait until it answers, stop it with SIGTERM.
+
+Shared by the serving sweep and the server tests, which both need the real server, not an in-process app.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx2 as httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, *flags: str, wait_s: float = 120.0) -> tuple[subprocess.Popen, str]:
+    """``kvtier serve --model MODEL --port FREE FLAGS...``; returns the process and its base URL once /health answers.
+
+    The server's output goes to a temporary file, not a pipe: nobody reads a pipe during a long run,
+    and a full one would block the server.
+    """
+    port = free_port()
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([sys.executable, "-m", "kvtier.entrypoints.cli", "serve", "--model", model, "--port", str(port), *flags],
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"server exited {proc.returncode}: {log.read()}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"server did not come up in {wait_s:.0f} s")
+
+
+def stop(proc: subprocess.Popen) -> int:
+    """SIGTERM, then the exit code (the server exits 0 after finishing or aborting what is in flight)."""
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=60)

@@ -1,0 +1,77 @@
+"""Run retrieval probes on a transformers model: the haystack prefilled, the question fed through decode.
+
+Feeding the question one token at a time is how a KV-cache method that acts after prefill (eviction,
+selection) must be measured: the question's tokens see only what the method kept. With the full cache
+it gives the same answer as one prefill; it is the protocol the method comparisons reuse.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from kvtier.eval.retrieval import TokenEncoder, make_sample
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    task: str
+    context_tokens: int
+    trials: int
+    accuracy: float
+    by_depth: dict[float, float]  # depth -> accuracy over the trials at that depth
+
+
+def trial_depths(trials: int, num_depths: int = 10) -> list[float]:
+    """Depths spread evenly over [0, 1], cycled so every depth gets trials // num_depths of them."""
+    return [round((i % num_depths) / (num_depths - 1), 3) for i in range(trials)]
+
+
+@torch.inference_mode()
+def greedy_after_decoded_question(model: torch.nn.Module, context_ids: list[int], question_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Prefill ``context_ids``, feed ``question_ids`` one decode step each, then decode greedily."""
+    out = model(input_ids=torch.tensor([context_ids]), use_cache=True)
+    past = out.past_key_values
+    for t in question_ids:
+        out = model(input_ids=torch.tensor([[t]]), past_key_values=past, use_cache=True)
+        past = out.past_key_values
+    generated: list[int] = []
+    for _ in range(max_new_tokens):
+        nxt = int(out.logits[0, -1].argmax())
+        generated.append(nxt)
+        out = model(input_ids=torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
+        past = out.past_key_values
+    return generated
+
+
+def run_probe(model: torch.nn.Module, tokenizer: TokenEncoder, decode, task: str, context_tokens: int, trials: int, seed: int = 0,
+              max_new_tokens: int = 12) -> ProbeResult:
+    """Accuracy of ``task`` at ``context_tokens`` over ``trials`` samples (seeds ``seed + i``) at evenly spread depths.
+
+    ``tokenizer.encode`` must add ``<s>``; ``decode(ids) -> str`` turns the generated ids back into text.
+    """
+    hits: dict[float, list[bool]] = defaultdict(list)
+    for i, depth in enumerate(trial_depths(trials)):
+        sample = make_sample(task, tokenizer, context_tokens, depth, seed + i)
+        context_ids = list(tokenizer.encode(sample.context))
+        question_ids = list(tokenizer.encode(sample.prompt))[len(context_ids):]
+        generated = greedy_after_decoded_question(model, context_ids, question_ids, max_new_tokens)
+        hits[depth].append(sample.is_correct(decode(generated)))
+    total = [h for v in hits.values() for h in v]
+    return ProbeResult(task, context_tokens, trials, sum(total) / len(total), {d: sum(v) / len(v) for d, v in sorted(hits.items())})
+
+
+@torch.inference_mode()
+def induction_accuracy(model: torch.nn.Module, vocab_size: int, segment: int = 64, rows: int = 16, seed: int = 0) -> float:
+    """Greedy next-token accuracy on the second copy of random-token segments (``<s> S S``).
+
+    Only an induction head (find the earlier copy, read the token after it) predicts the second copy;
+    this is the circuit every retrieval task needs, so it shows whether and when it has formed.
+    """
+    g = torch.Generator().manual_seed(seed)
+    seg = torch.randint(3, vocab_size, (rows, segment), generator=g)
+    x = torch.cat([torch.zeros(rows, 1, dtype=torch.long), seg, seg], 1)
+    logits = model(input_ids=x).logits
+    return (logits[:, segment + 1:-1].argmax(-1) == x[:, segment + 2:]).float().mean().item()

@@ -1,0 +1,179 @@
+"""Seeded long-context retrieval documents: passkey, multi-key needle, variable tracking.
+
+These are the probes that tell whether a KV-cache method kept what the model needs. The passkey task
+follows Mohtashami & Jaggi (Landmark Attention, 2023): a number hidden at a chosen depth in repeated
+filler, asked for at the end. Multi-key needle and variable tracking follow RULER (Hsieh et al., 2024):
+"One of the special magic numbers for KEY is: VALUE." among distractor needles, and chains
+``VAR A = 12345``, ``VAR B = VAR A`` whose members must all be named.
+
+Each generator takes the model's tokenizer (anything with ``encode(text) -> list[int]``) and fills the
+context up to a token budget, so "2K context" means 2,048 tokens of that model. The same arguments
+give the same sample on every machine: all randomness comes from ``random.Random(seed)``.
+A sample's ``prompt`` ends where the answer begins; ``completion`` is what a perfect model writes next.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from kvtier.errors import InvalidArgumentError
+
+FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
+ADJECTIVES = (
+    "amber", "bitter", "bold", "brave", "calm", "clever", "cold", "crisp", "dark", "eager", "early", "faint", "fancy", "fierce",
+    "gentle", "glad", "golden", "grand", "happy", "hidden", "hollow", "humble", "icy", "jolly", "keen", "late", "lazy", "little",
+    "loud", "lucky", "mellow", "misty", "noble", "odd", "pale", "plain", "proud", "quick", "quiet", "rapid", "rare", "rough",
+    "royal", "rusty", "silent", "silver", "sleepy", "smooth", "solid", "sour", "swift", "tall", "tender", "tiny", "vast", "warm",
+    "wild", "wise", "young", "zesty",
+)
+NOUNS = (
+    "anchor", "apple", "arrow", "badger", "basket", "beacon", "bridge", "candle", "canyon", "castle", "cedar", "cloud", "comet",
+    "copper", "crane", "desert", "dragon", "eagle", "ember", "falcon", "feather", "forest", "garden", "glacier", "harbor",
+    "helmet", "island", "jacket", "kettle", "lantern", "lemon", "meadow", "mirror", "monkey", "needle", "ocean", "orchard",
+    "otter", "pebble", "pepper", "pillow", "planet", "puzzle", "rabbit", "river", "rocket", "saddle", "shadow", "spider",
+    "statue", "tiger", "tunnel", "valley", "violin", "wagon", "walnut", "whale", "window", "wizard", "zebra",
+)
+TASKS = ("passkey", "multikey", "vartrack")
+
+
+class TokenEncoder(Protocol):
+    def encode(self, text: str) -> Sequence[int]: ...
+
+
+@dataclass(frozen=True)
+class RetrievalSample:
+    """One probe: feed ``prompt``, compare what the model writes with ``answer``."""
+
+    task: str
+    prompt: str
+    question: str  # the prompt's tail after the haystack; evaluations can feed it through decode steps
+    completion: str  # the ideal continuation of ``prompt``; training documents append it
+    answer: tuple[str, ...]  # the values a correct reply names (one number, or every chained variable)
+    context_tokens: int  # the prompt's length in the tokenizer's tokens
+    depth: float  # where the (queried) needle sits, 0 = start of the filler, 1 = end
+
+    @property
+    def context(self) -> str:
+        """The haystack: the prompt without its question."""
+        return self.prompt[: len(self.prompt) - len(self.question)]
+
+    def is_correct(self, generated: str) -> bool:
+        """Passkey and needle: the first number generated equals the key. Variable tracking: the set of names matches."""
+        if self.task == "vartrack":
+            return set(re.findall(r"\b[A-Z]{5}\b", generated)) == set(self.answer)
+        return first_number(generated) == self.answer[0]
+
+
+def first_number(text: str) -> str | None:
+    m = re.search(r"\d+", text)
+    return m.group(0) if m else None
+
+
+def _check(context_tokens: int, depth: float) -> None:
+    if isinstance(context_tokens, bool) or not isinstance(context_tokens, int) or context_tokens < 64:
+        raise InvalidArgumentError("context_tokens", f"must be an integer >= 64, got {context_tokens!r}")
+    if not 0.0 <= depth <= 1.0:
+        raise InvalidArgumentError("depth", f"must be in [0, 1], got {depth!r}")
+
+
+def _fill(tokenizer: TokenEncoder, context_tokens: int, build: Callable[[list[str]], str]) -> tuple[str, int]:
+    """The longest ``build(filler)`` whose token count stays within ``context_tokens``.
+
+    ``build`` places needles among the filler sentences (at fractions of their count) and adds the
+    header and question. Starts from a linear estimate, then steps a sentence at a time.
+    """
+    def text_for(n: int) -> tuple[str, int]:
+        text = build([FILLER[i % len(FILLER)] for i in range(n)])
+        return text, len(tokenizer.encode(text))
+
+    base, base_len = text_for(0)
+    if base_len > context_tokens:
+        raise InvalidArgumentError("context_tokens", f"must be at least {base_len} (the task's text without filler), got {context_tokens}")
+    probe, probe_len = text_for(50)
+    per_sentence = max((probe_len - base_len) / 50, 1e-6)
+    n = max(int((context_tokens - base_len) / per_sentence), 0)
+    text, length = text_for(n)
+    while length > context_tokens and n > 0:
+        n -= 1
+        text, length = text_for(n)
+    while True:
+        longer, longer_len = text_for(n + 1)
+        if longer_len > context_tokens:
+            return text, length
+        n, text, length = n + 1, longer, longer_len
+
+
+def _insert(filler: list[str], needles: list[tuple[float, str]]) -> str:
+    """Filler sentences with each needle placed after ``round(depth * len(filler))`` of them."""
+    slots: dict[int, list[str]] = {}
+    for depth, needle in needles:
+        slots.setdefault(round(depth * len(filler)), []).append(needle)
+    parts: list[str] = []
+    for i in range(len(filler) + 1):
+        parts.extend(slots.get(i, []))
+        if i < len(filler):
+            parts.append(filler[i])
+    return " ".join(parts)
+
+
+def passkey(tokenizer: TokenEncoder, context_tokens: int, depth: float, seed: int) -> RetrievalSample:
+    """A five-digit pass key at ``depth`` in filler; the prompt ends with "The pass key is"."""
+    _check(context_tokens, depth)
+    key = str(random.Random(seed).randint(10000, 99999))
+    head = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about the important information there.\n"
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+    question = "\nWhat is the pass key? The pass key is"
+    prompt, n = _fill(tokenizer, context_tokens, lambda f: head + _insert(f, [(depth, needle)]) + question)
+    return RetrievalSample("passkey", prompt, question, f" {key}.", (key,), n, depth)
+
+
+def multikey_needle(tokenizer: TokenEncoder, context_tokens: int, depth: float, seed: int, num_distractors: int = 4) -> RetrievalSample:
+    """RULER's multi-key needle: 1 + ``num_distractors`` keyed seven-digit numbers, one asked for."""
+    _check(context_tokens, depth)
+    if isinstance(num_distractors, bool) or not isinstance(num_distractors, int) or not 0 <= num_distractors <= 64:
+        raise InvalidArgumentError("num_distractors", f"must be an integer in [0, 64], got {num_distractors!r}")
+    rng = random.Random(seed)
+    keys = rng.sample([f"{a}-{n}" for a in ADJECTIVES for n in NOUNS], num_distractors + 1)
+    values = [str(rng.randint(1_000_000, 9_999_999)) for _ in keys]
+    needles = [(depth, f"One of the special magic numbers for {keys[0]} is: {values[0]}.")]
+    needles += [(rng.random(), f"One of the special magic numbers for {k} is: {v}.") for k, v in zip(keys[1:], values[1:])]
+    head = "Some special magic numbers are hidden within the following text. Make sure to memorize it. I will quiz you about the numbers afterwards.\n"
+    question = f"\nWhat is the special magic number for {keys[0]} mentioned in the provided text? The special magic number for {keys[0]} mentioned in the provided text is"
+    prompt, n = _fill(tokenizer, context_tokens, lambda f: head + _insert(f, needles) + question)
+    return RetrievalSample("multikey", prompt, question, f" {values[0]}.", (values[0],), n, depth)
+
+
+def variable_tracking(tokenizer: TokenEncoder, context_tokens: int, depth: float, seed: int, num_hops: int = 4) -> RetrievalSample:
+    """RULER's variable tracking: ``VAR A = value`` then ``num_hops`` links ``VAR B = VAR A``; name every variable."""
+    _check(context_tokens, depth)
+    if isinstance(num_hops, bool) or not isinstance(num_hops, int) or not 1 <= num_hops <= 16:
+        raise InvalidArgumentError("num_hops", f"must be an integer in [1, 16], got {num_hops!r}")
+    rng = random.Random(seed)
+    names: list[str] = []
+    while len(names) < num_hops + 1:
+        name = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
+        if name not in names:
+            names.append(name)
+    value = str(rng.randint(10000, 99999))
+    # the chain keeps its order: the first link at ``depth``, later links spread after it
+    depths = sorted([depth] + [depth + (1.0 - depth) * rng.random() for _ in range(num_hops)])
+    links = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
+    head = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n"
+    question = (f"\nQuestion: Find all variables that are assigned the value {value} in the text above. Answer: According to the chain(s) "
+                f"of variable assignment in the text above, {num_hops + 1} variables are assigned the value {value}, they are:")
+    prompt, n = _fill(tokenizer, context_tokens, lambda f: head + _insert(f, list(zip(depths, links))) + question)
+    return RetrievalSample("vartrack", prompt, question, " " + " ".join(names) + ".", tuple(names), n, depth)
+
+
+GENERATORS: dict[str, Callable[..., RetrievalSample]] = {"passkey": passkey, "multikey": multikey_needle, "vartrack": variable_tracking}
+
+
+def make_sample(task: str, tokenizer: TokenEncoder, context_tokens: int, depth: float, seed: int) -> RetrievalSample:
+    """The sample of ``task`` (one of :data:`TASKS`) with that length, depth and seed."""
+    if task not in GENERATORS:
+        raise InvalidArgumentError("task", f"must be one of {list(TASKS)}, got {task!r}")
+    return GENERATORS[task](tokenizer, context_tokens, depth, seed)

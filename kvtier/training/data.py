@@ -1,0 +1,110 @@
+"""Training batches: packed rows of stdlib code, each possibly opened by a long-context retrieval document.
+
+A row of ``seq_len`` tokens is, with probability ``copy_fraction``, a copy row (random tokens repeated
+across code gaps); with probability ``retrieval_fraction`` it is packed with generated documents
+(passkey, multi-key needle or variable tracking, answers included) whose lengths are drawn log-uniformly
+up to the full row, so every octave of context length gets the same share of answers; otherwise (and
+for the tail a document does not fill) it is a window of the tokenized stdlib stream. Many short
+documents give the copying circuit many answers to learn from; the long ones teach it to reach far.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+
+from kvtier.eval.retrieval import multikey_needle, passkey, variable_tracking
+from kvtier.training.bpe import BOS_ID, EOS_ID
+
+
+class TokenIds:
+    """``encode(text) -> ids`` over a ``tokenizers.Tokenizer``, the shape the retrieval generators take."""
+
+    def __init__(self, tok: HFTokenizer) -> None:
+        self.tok = tok
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text).ids
+
+
+def token_stream(tok: HFTokenizer, texts: list[str]) -> np.ndarray:
+    """All texts encoded and concatenated as ``<s> text </s>`` documents."""
+    ids: list[int] = []
+    for enc in tok.encode_batch(texts):
+        ids.extend(enc.ids)  # the post-processor already put <s> first
+        ids.append(EOS_ID)
+    return np.asarray(ids, dtype=np.int32)
+
+
+@dataclass(frozen=True)
+class RetrievalMix:
+    """How often each retrieval task opens a row, and the shortest document generated."""
+
+    retrieval_fraction: float = 0.4
+    copy_fraction: float = 0.35  # rows of random-token segments repeated across code gaps (see BatchMaker.copy_row)
+    passkey: float = 0.35
+    multikey: float = 0.45
+    vartrack: float = 0.20
+    min_tokens: int = 320
+
+
+class BatchMaker:
+    def __init__(self, tok: HFTokenizer, stream: np.ndarray, mix: RetrievalMix, seed: int) -> None:
+        if len(stream) < 2:
+            raise ValueError("the training stream is empty")
+        self.ids = TokenIds(tok)
+        self.vocab_size = tok.get_vocab_size()
+        self.stream = stream
+        self.mix = mix
+        self.rng = random.Random(seed)
+
+    def retrieval_document(self, max_tokens: int) -> list[int]:
+        rng, mix = self.rng, self.mix
+        length = round(math.exp(rng.uniform(math.log(mix.min_tokens), math.log(max_tokens))))
+        task = rng.choices(("passkey", "multikey", "vartrack"), (mix.passkey, mix.multikey, mix.vartrack))[0]
+        seed, depth = rng.randrange(1 << 62), rng.random()
+        budget = length - 16  # room for the completion and </s>
+        if task == "passkey":
+            sample = passkey(self.ids, budget, depth, seed)
+        elif task == "multikey":
+            sample = multikey_needle(self.ids, budget, depth, seed, num_distractors=rng.randint(1, 6))
+        else:
+            sample = variable_tracking(self.ids, budget - 24, depth, seed, num_hops=rng.randint(1, 4))
+        return self.ids.encode(sample.prompt + sample.completion)[:max_tokens - 1] + [EOS_ID]
+
+    def copy_row(self, seq_len: int) -> list[int]:
+        """A random-token segment repeated after code gaps of log-uniform length.
+
+        Every repeat is predictable only by finding the earlier copy and reading on from it (an
+        induction head, Olsson et al. 2022), the circuit retrieval needs; this makes it form early.
+        """
+        rng = self.rng
+        segment = [rng.randrange(3, self.vocab_size) for _ in range(rng.randint(16, 128))]
+        row = [BOS_ID] + segment
+        while len(row) < seq_len:
+            gap = round(math.exp(rng.uniform(0.0, math.log(max(2, seq_len // 2))))) - 1
+            row += self.window(gap) + segment
+        return row[:seq_len]
+
+    def window(self, n: int) -> list[int]:
+        start = self.rng.randrange(0, len(self.stream) - n) if len(self.stream) > n else 0
+        window = self.stream[start:start + n].tolist()
+        return window + [BOS_ID] * (n - len(window))
+
+    def row(self, seq_len: int) -> list[int]:
+        doc: list[int] = []
+        draw = self.rng.random()
+        if draw < self.mix.copy_fraction:
+            return self.copy_row(seq_len)
+        if draw < self.mix.copy_fraction + self.mix.retrieval_fraction:
+            while seq_len - len(doc) >= self.mix.min_tokens:
+                doc += self.retrieval_document(seq_len - len(doc))
+        return doc + self.window(seq_len - len(doc))
+
+    def batch(self, batch_size: int, seq_len: int) -> torch.Tensor:
+        return torch.tensor([self.row(seq_len) for _ in range(batch_size)], dtype=torch.long)

@@ -1,0 +1,112 @@
+"""The embedded models' recipes: architecture, size and schedule, chosen to fit 2 CPU cores in 90 minutes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvtier.training.bpe import BOS_ID, EOS_ID, PAD_ID
+from kvtier.training.data import RetrievalMix
+
+VOCAB_SIZE = 8192
+CONTEXT = 2048
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A share of the steps spent on rows of one length; short rows first make more, cheaper steps."""
+
+    fraction: float
+    batch_size: int
+    seq_len: int
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    config: dict[str, Any]  # config.json keys; transformers builds the model from them
+    stages: tuple[Stage, ...] = (Stage(0.6, 4, 512), Stage(0.4, 1, CONTEXT))
+    steps: int = 3000
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    mix: RetrievalMix = field(default_factory=RetrievalMix)
+
+    def stage_at(self, step: int, steps: int) -> Stage:
+        """The stage that ``step`` of a ``steps``-step run falls in."""
+        done = 0.0
+        for stage in self.stages:
+            done += stage.fraction
+            if step < done * steps:
+                return stage
+        return self.stages[-1]
+
+    @property
+    def seq_len(self) -> int:
+        """The longest rows trained on: the model's trained context."""
+        return max(s.seq_len for s in self.stages)
+
+    def tokens(self, steps: int) -> int:
+        return sum(s.batch_size * s.seq_len for s in (self.stage_at(i, steps) for i in range(steps)))
+
+
+_COMMON = {
+    "vocab_size": VOCAB_SIZE,
+    "max_position_embeddings": 2 * CONTEXT,
+    "tie_word_embeddings": True,
+    "bos_token_id": BOS_ID,
+    "eos_token_id": EOS_ID,
+    "pad_token_id": PAD_ID,
+    "rms_norm_eps": 1e-6,
+    "initializer_range": 0.02,
+}
+
+KVTIER_TINY = Recipe(
+    name="kvtier-tiny",
+    config={
+        **_COMMON,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 256,
+        "intermediate_size": 768,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 32,
+        "hidden_act": "silu",
+        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+        "attention_bias": False,
+        "mlp_bias": False,
+    },
+)
+
+# Bamba (IBM's attention + Mamba2 hybrid): 2 attention layers among 8, so attention:SSM is 1:3. Each attention
+# layer follows Mamba2 layers, which can carry the recent-token context a retrieval lookup keys on.
+KVTIER_TINY_HYBRID = Recipe(
+    name="kvtier-tiny-hybrid",
+    config={
+        **_COMMON,
+        "architectures": ["BambaForCausalLM"],
+        "model_type": "bamba",
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "num_hidden_layers": 8,
+        "attn_layer_indices": [2, 6],
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "hidden_act": "silu",
+        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default", "partial_rotary_factor": 1.0},
+        "mamba_n_heads": 8,
+        "mamba_d_head": 64,
+        "mamba_n_groups": 1,
+        "mamba_d_state": 64,
+        "mamba_d_conv": 4,
+        "mamba_expand": 2,
+        "mamba_chunk_size": 128,
+        "num_logits_to_keep": None,
+    },
+)
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (KVTIER_TINY, KVTIER_TINY_HYBRID)}
