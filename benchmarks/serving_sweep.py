@@ -6,7 +6,7 @@ SIGTERM and required to exit 0) and one warm-up request: a server kept across ra
 identical prompts from the previous run's prefix cache. Writes all results to one JSON file and prints a
 markdown table. Token ids are drawn below the model's own ``vocab_size`` unless ``--vocab-size`` is given.
 
-    python benchmarks/serving_sweep.py                      # reference model, rates 1,4,16, 100 prompts each: ~15 min on 2 cores
+    python benchmarks/serving_sweep.py                      # reference model, rates 0.5,2,8, 100 prompts each: ~15 min on 2 cores
     python benchmarks/serving_sweep.py --request-rates 2,8 --num-prompts 50 --model path/to/hf-checkpoint
 """
 
@@ -62,7 +62,7 @@ def table_row(r: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="HF checkpoint folder (default: the throughput benchmark's reference Llama)")
-    p.add_argument("--request-rates", default="1,4,16", help="comma-separated Poisson rates in req/s (inf: all at once)")
+    p.add_argument("--request-rates", default="0.5,2,8", help="comma-separated Poisson rates in req/s (inf: all at once)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--kv-cache-gib", type=float, default=2.0)
     p.add_argument("--json-out", type=Path, default=Path("benchmarks/results/serving-cpu.json"))

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 
-from kvtier.eval.retrieval import multikey_needle, passkey, variable_tracking
+from kvtier.errors import InvalidArgumentError
+from kvtier.eval.retrieval import RetrievalSample, multikey_needle, passkey, variable_tracking
 from kvtier.training.bpe import BOS_ID, EOS_ID
 
 
@@ -45,12 +46,12 @@ def token_stream(tok: HFTokenizer, texts: list[str]) -> np.ndarray:
 class RetrievalMix:
     """How often each retrieval task opens a row, and the shortest document generated."""
 
-    retrieval_fraction: float = 0.4
-    copy_fraction: float = 0.35  # rows of random-token segments repeated across code gaps (see BatchMaker.copy_row)
+    retrieval_fraction: float = 0.45
+    copy_fraction: float = 0.25  # rows of random-token segments repeated across code gaps (see BatchMaker.copy_row)
     passkey: float = 0.35
     multikey: float = 0.45
     vartrack: float = 0.20
-    min_tokens: int = 320
+    min_tokens: int = 128  # the shortest passkey document is ~100 tokens; short documents give many answers per row
 
 
 class BatchMaker:
@@ -69,13 +70,20 @@ class BatchMaker:
         task = rng.choices(("passkey", "multikey", "vartrack"), (mix.passkey, mix.multikey, mix.vartrack))[0]
         seed, depth = rng.randrange(1 << 62), rng.random()
         budget = length - 16  # room for the completion and </s>
-        if task == "passkey":
-            sample = passkey(self.ids, budget, depth, seed)
-        elif task == "multikey":
-            sample = multikey_needle(self.ids, budget, depth, seed, num_distractors=rng.randint(1, 6))
-        else:
-            sample = variable_tracking(self.ids, budget - 24, depth, seed, num_hops=rng.randint(1, 4))
+        sample = self._fitting_sample(task, budget, depth, seed, rng.randint(1, 6) if task == "multikey" else rng.randint(1, 4))
         return self.ids.encode(sample.prompt + sample.completion)[:max_tokens - 1] + [EOS_ID]
+
+    def _fitting_sample(self, task: str, budget: int, depth: float, seed: int, count: int) -> RetrievalSample:
+        """The task's sample with ``count`` distractors (or hops) cut down until it fits ``budget``; a passkey if none does."""
+        for n in range(count, 0, -1):
+            try:
+                if task == "multikey":
+                    return multikey_needle(self.ids, budget, depth, seed, num_distractors=n)
+                if task == "vartrack":
+                    return variable_tracking(self.ids, budget, depth, seed, num_hops=n)
+            except InvalidArgumentError:  # the generator's own length check: too many needles for this budget
+                continue
+        return passkey(self.ids, budget, depth, seed)
 
     def copy_row(self, seq_len: int) -> list[int]:
         """A random-token segment repeated after code gaps of log-uniform length.

@@ -84,6 +84,7 @@ def write_card(folder: Path, name: str, description: str, results: dict, trainin
         params = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
     size_mb = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 1e6
     trials = results["retrieval"][0]["trials"]
+    mix = training["mix"]
     card = f"""---
 license: apache-2.0
 library_name: transformers
@@ -108,11 +109,15 @@ tags: [kvtier, tiny, python-code, long-context-retrieval]
 ## Data
 
 The running interpreter's standard-library sources (`*.py`, code, docstrings and comments; `site-packages`
-excluded), split by file into train and validation with seed 0. A fraction
-({100 * training['retrieval_fraction']:.0f}%) of the training rows are packed with generated long-context
-retrieval documents from `kvtier.eval.retrieval` (passkey, multi-key needle with 1-6 distractors,
-variable tracking with 1-4 hops), their lengths drawn log-uniformly up to the full row; the other
-rows, and the tails the documents leave, are stdlib code.
+excluded), split by file into train and validation with seed 0. Training rows (every one opens with `<s>`):
+
+- {100 * mix['retrieval_fraction']:.0f}% are packed with generated retrieval documents from `kvtier.eval.retrieval`
+  (passkey, multi-key needle with 1-6 distractors, variable tracking with 1-4 hops; fewer where a
+  short document cannot hold them), their lengths drawn log-uniformly from {mix['min_tokens']} tokens up to
+  the rest of the row;
+- {100 * mix['copy_fraction']:.0f}% are copy rows: a segment of 16-128 random tokens repeated after stretches of
+  code, which only an induction head (find the earlier copy, read on) can predict;
+- the rest, and the tails the documents leave, are windows of the tokenized stdlib.
 
 ## Evaluation
 

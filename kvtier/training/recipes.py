@@ -25,8 +25,8 @@ class Stage:
 class Recipe:
     name: str
     config: dict[str, Any]  # config.json keys; transformers builds the model from them
-    stages: tuple[Stage, ...] = (Stage(0.6, 4, 512), Stage(0.4, 1, CONTEXT))
-    steps: int = 3000
+    stages: tuple[Stage, ...] = (Stage(0.5, 8, 256), Stage(0.3, 4, 512), Stage(0.2, 1, CONTEXT))
+    steps: int = 4000
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100

@@ -102,7 +102,7 @@ def train(recipe: Recipe, out_dir: Path, work_dir: Path, seed: int = 0, steps: i
         bar.set_postfix(loss=f"{value:.3f}")
     save(model, tok, recipe, out_dir)
     summary = {"recipe": recipe.name, "seed": seed, "steps": steps, "stages": [asdict(s) for s in recipe.stages], "seq_len": recipe.seq_len,
-               "retrieval_fraction": recipe.mix.retrieval_fraction, "tokens": recipe.tokens(steps),
+               "mix": asdict(recipe.mix), "tokens": recipe.tokens(steps),
                "train_seconds": time.perf_counter() - start, "log": log}
     (out_dir / "training_log.json").write_text(json.dumps(summary) + "\n", encoding="utf-8")
     plot_loss(log, out_dir / "loss_curve.png", recipe.name)
