@@ -42,6 +42,11 @@ def token_stream(tok: HFTokenizer, texts: list[str]) -> np.ndarray:
     return np.asarray(ids, dtype=np.int32)
 
 
+MULTIKEY_DISTRACTORS = (1, 6)  # inclusive ranges drawn per document (fewer where a short document cannot hold them)
+VARTRACK_HOPS = (1, 4)
+COPY_SEGMENT = (16, 128)  # random tokens per copy-row segment
+
+
 @dataclass(frozen=True)
 class RetrievalMix:
     """How often each retrieval task opens a row, and the shortest document generated."""
@@ -70,17 +75,16 @@ class BatchMaker:
         task = rng.choices(("passkey", "multikey", "vartrack"), (mix.passkey, mix.multikey, mix.vartrack))[0]
         seed, depth = rng.randrange(1 << 62), rng.random()
         budget = length - 16  # room for the completion and </s>
-        sample = self._fitting_sample(task, budget, depth, seed, rng.randint(1, 6) if task == "multikey" else rng.randint(1, 4))
+        sample = self._fitting_sample(task, budget, depth, seed, rng.randint(*MULTIKEY_DISTRACTORS if task == "multikey" else VARTRACK_HOPS))
         return self.ids.encode(sample.prompt + sample.completion)[:max_tokens - 1] + [EOS_ID]
 
     def _fitting_sample(self, task: str, budget: int, depth: float, seed: int, count: int) -> RetrievalSample:
         """The task's sample with ``count`` distractors (or hops) cut down until it fits ``budget``; a passkey if none does."""
-        for n in range(count, 0, -1):
+        generate = {"multikey": lambda n: multikey_needle(self.ids, budget, depth, seed, num_distractors=n),
+                    "vartrack": lambda n: variable_tracking(self.ids, budget, depth, seed, num_hops=n)}.get(task)
+        for n in range(count, 0, -1) if generate else ():
             try:
-                if task == "multikey":
-                    return multikey_needle(self.ids, budget, depth, seed, num_distractors=n)
-                if task == "vartrack":
-                    return variable_tracking(self.ids, budget, depth, seed, num_hops=n)
+                return generate(n)
             except InvalidArgumentError:  # the generator's own length check: too many needles for this budget
                 continue
         return passkey(self.ids, budget, depth, seed)
@@ -92,7 +96,7 @@ class BatchMaker:
         induction head, Olsson et al. 2022), the circuit retrieval needs; this makes it form early.
         """
         rng = self.rng
-        segment = [rng.randrange(3, self.vocab_size) for _ in range(rng.randint(16, 128))]
+        segment = [rng.randrange(3, self.vocab_size) for _ in range(rng.randint(*COPY_SEGMENT))]
         row = [BOS_ID] + segment
         while len(row) < seq_len:
             gap = round(math.exp(rng.uniform(0.0, math.log(max(2, seq_len // 2))))) - 1

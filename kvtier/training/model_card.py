@@ -17,7 +17,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from kvtier.eval.perplexity import perplexity
 from kvtier.eval.probe import ProbeResult, run_probe
-from kvtier.training.data import TokenIds
+from kvtier.training.data import COPY_SEGMENT, MULTIKEY_DISTRACTORS, VARTRACK_HOPS, TokenIds
 
 CONTEXTS = (512, 1024, 2048, 4096)
 TASKS = ("passkey", "multikey", "vartrack")
@@ -112,10 +112,10 @@ The running interpreter's standard-library sources (`*.py`, code, docstrings and
 excluded), split by file into train and validation with seed 0. Training rows (every one opens with `<s>`):
 
 - {100 * mix['retrieval_fraction']:.0f}% are packed with generated retrieval documents from `kvtier.eval.retrieval`
-  (passkey, multi-key needle with 1-6 distractors, variable tracking with 1-4 hops; fewer where a
+  (passkey, multi-key needle with {MULTIKEY_DISTRACTORS[0]}-{MULTIKEY_DISTRACTORS[1]} distractors, variable tracking with {VARTRACK_HOPS[0]}-{VARTRACK_HOPS[1]} hops; fewer where a
   short document cannot hold them), their lengths drawn log-uniformly from {mix['min_tokens']} tokens up to
   the rest of the row;
-- {100 * mix['copy_fraction']:.0f}% are copy rows: a segment of 16-128 random tokens repeated after stretches of
+- {100 * mix['copy_fraction']:.0f}% are copy rows: a segment of {COPY_SEGMENT[0]}-{COPY_SEGMENT[1]} random tokens repeated after stretches of
   code, which only an induction head (find the earlier copy, read on) can predict;
 - the rest, and the tails the documents leave, are windows of the tokenized stdlib.
 
