@@ -69,7 +69,12 @@ def main(argv: list[str] | None = None) -> None:
     add_serving_args(p)
     p.set_defaults(num_prompts=100, shared_prefix_len=256, num_prefix_groups=4, vocab_size=None, timeout=600.0)
     args = p.parse_args(argv)
-    rates = [float(x) for x in args.request_rates.split(",")]
+    try:
+        rates = [float(x) for x in args.request_rates.split(",")]
+        if not all(r > 0 for r in rates):
+            raise ValueError
+    except ValueError:
+        p.error(f"--request-rates: must be comma-separated rates > 0 in req/s (inf: all at once), got {args.request_rates!r}")
     model = args.model or str(reference_model(Path(".cache/reference-llama")))
     args.vocab_size = args.vocab_size or json.loads((Path(model) / "config.json").read_text())["vocab_size"]
     reqs = workload_for(args)
