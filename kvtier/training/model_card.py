@@ -76,6 +76,17 @@ def _stages(training: dict) -> str:
     return ", then ".join(f"{100 * s['fraction']:.0f}% of them with {s['batch_size']} x {s['seq_len']}-token rows" for s in training["stages"])
 
 
+def _initialisation(name: str) -> str:
+    from kvtier.training.recipes import RECIPES
+
+    circuit = RECIPES[name].circuit
+    if circuit is None:
+        return "transformers' default (normal, std 0.02)"
+    return ("structured (`kvtier.training.circuit_init`): layer 0 starts with heads that attend 1 and 2 tokens back, layer 1 "
+            f"with heads that match the current token against that feature in the {circuit.content_pairs} lowest RoPE "
+            "frequencies and copy what follows; residual outputs start at zero; everything is then trained")
+
+
 def write_card(folder: Path, name: str, description: str, results: dict, training: dict, machine: str, command: str) -> Path:
     config = json.loads((folder / "config.json").read_text())
     from safetensors import safe_open
@@ -104,6 +115,7 @@ tags: [kvtier, tiny, python-code, long-context-retrieval]
 | context | trained on {training['seq_len']}-token rows; `max_position_embeddings` {config['max_position_embeddings']} |
 | tokenizer | byte-level BPE, {config['vocab_size']} tokens, digits split one per token, trained on the training split |
 | training | {training['steps']} steps ({_stages(training)}) = {training['tokens'] / 1e6:.1f} M tokens in {training['train_seconds'] / 60:.1f} min |
+| initialisation | {_initialisation(name)} |
 | machine | {machine} |
 
 ## Data

@@ -22,6 +22,15 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class CircuitInit:
+    """Start a Llama with an induction circuit (see :mod:`kvtier.training.circuit_init`)."""
+
+    match: float = 3.0  # query/key weight of the matching heads
+    copy: float = 10.0  # value/output weight of the copying heads, in units of the embedding scale
+    content_pairs: int = 8  # RoPE pairs (lowest frequencies) the matching heads use
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     config: dict[str, Any]  # config.json keys; transformers builds the model from them
@@ -33,6 +42,7 @@ class Recipe:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     mix: RetrievalMix = field(default_factory=RetrievalMix)
+    circuit: CircuitInit | None = None
 
     def stage_at(self, step: int, steps: int) -> Stage:
         """The stage that ``step`` of a ``steps``-step run falls in."""
@@ -76,10 +86,12 @@ KVTIER_TINY = Recipe(
         "intermediate_size": 768,
         "num_hidden_layers": 6,
         "head_dim": 32,
-        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+        # a high base leaves the lowest-frequency RoPE pairs nearly unrotated across 4K tokens: the matching heads' content
+        "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"},
         "attention_bias": False,
         "mlp_bias": False,
     },
+    circuit=CircuitInit(),
 )
 
 # Bamba (IBM's attention + Mamba2 hybrid): 2 attention layers among 8, so attention:SSM is 1:3. Each attention

@@ -21,6 +21,8 @@ from kvtier.training.trainer import prepare_tokenizer, train
 DESCRIPTIONS = {
     "kvtier-tiny": "A tiny Llama trained by kvtier on 2 CPU cores, so that the engine has a real model to run where no "
                    "model can be downloaded, and so that KV-cache methods can be measured on a model that uses its context.",
+    "kvtier-tiny-hybrid": "A tiny attention + Mamba2 hybrid (Bamba) trained by kvtier on 2 CPU cores with kvtier-tiny's tokenizer and "
+                          "data: the model whose non-rollbackable SSM state the Marconi prefix cache manages.",
 }
 
 

@@ -17,6 +17,7 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tqdm import tqdm
 
+from kvtier.training.circuit_init import seed_induction_heads, seed_previous_token_heads
 from kvtier.training.bpe import BOS_ID, EOS_ID, PAD_ID, tokenizer_config, train_bpe
 from kvtier.training.corpus import read_texts, split_corpus
 from kvtier.eval.probe import induction_accuracy, run_probe
@@ -72,6 +73,9 @@ def train(recipe: Recipe, out_dir: Path, work_dir: Path, seed: int = 0, steps: i
     tok, train_ids, _ = prepare_tokenizer(work_dir, seed, corpus_root)
     batches = BatchMaker(tok, train_ids, recipe.mix, seed)
     model = build_model(recipe, seed)
+    if recipe.circuit:
+        seed_previous_token_heads(model, seed=seed)
+        seed_induction_heads(model, recipe.circuit.match, recipe.circuit.copy, recipe.circuit.content_pairs, seed=seed + 1)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],

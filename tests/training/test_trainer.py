@@ -23,7 +23,7 @@ SMALL = dataclasses.replace(
     KVTIER_TINY,
     config={**KVTIER_TINY.config, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
             "num_key_value_heads": 1, "head_dim": 16},
-    stages=(Stage(1.0, 1, 512),), warmup_steps=1, mix=RetrievalMix(min_tokens=400),
+    stages=(Stage(1.0, 1, 512),), warmup_steps=1, mix=RetrievalMix(min_tokens=400), circuit=None,
 )
 
 
