@@ -1,4 +1,4 @@
-"""Structured initialisation that starts a Llama with previous-token heads, so retrieval is learnable in minutes.
+"""Structured initialisation that starts a Llama with an induction circuit, so retrieval is learnable in minutes.
 
 Retrieval needs an induction circuit: a head that writes "the token before me" into the residual
 stream, and a later head whose query (the current token) matches that feature and copies the token
@@ -6,12 +6,13 @@ after the match (Olsson et al., 2022). From random weights the two must co-evolv
 a long loss plateau before they appear; on 2 CPU cores the plateau outlasts the whole budget. The hybrid
 model does not have it, because Mamba2's short convolution already supplies previous-token features.
 
-This module gives the Llama the same head start. Layer 0 gets positional heads that attend to offset 1
-and 2 and write those tokens' identities into a residual subspace the embeddings leave empty; everything
-else (the matching heads included) is learnt. The heads are positional, so their queries and keys read
-one embedding coordinate that every token holds at the same value, and RoPE turns that into a score
-peaked at the chosen offset. Residual-branch output projections start at zero (as in modded-nanogpt),
-so at step 0 the stream holds exactly the embedding and the previous-token features.
+This module gives the Llama more than that head start. Layer 0 gets positional heads that attend to
+offset 1 and 2 and write those tokens' identities into a residual subspace the embeddings leave empty;
+their queries and keys read one embedding coordinate that every token holds at the same value, and RoPE
+turns that into a score peaked at the chosen offset. Layer 1 gets heads that match the current token
+against the offset-1 feature and copy the token found. Residual-branch output projections start at zero
+(as in modded-nanogpt), so at step 0 the stream holds exactly the embedding and these features. All of
+it is then trained like any other weight.
 """
 
 from __future__ import annotations
@@ -20,8 +21,17 @@ import math
 
 import torch
 
+from kvtier.training.recipes import CircuitInit
+
 CONST = 0  # the embedding coordinate every token holds at the same value
 EMB_STD = 1.0  # O(1) embeddings: Adam's ~lr-sized steps then leave token identities legible (0.02 is swamped in ~10 steps)
+OFFSET_GROUPS = 2  # layer-0 KV groups wired as offset heads; the rest of layer 0 is left to training
+
+
+def seed_circuit(model: torch.nn.Module, circuit: CircuitInit, seed: int) -> None:
+    """The whole structured start: offset heads in layer 0, then matching/copying heads in layer 1 that read them."""
+    seed_previous_token_heads(model, seed=seed)
+    seed_induction_heads(model, circuit.match, circuit.copy, circuit.content_pairs, seed=seed + 1)
 
 
 def rope_offset_pattern(inv_freq: torch.Tensor, offset: int, horizon: int, steps: int = 400) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +64,7 @@ def rope_offset_pattern(inv_freq: torch.Tensor, offset: int, horizon: int, steps
 
 
 @torch.no_grad()
-def seed_previous_token_heads(model: torch.nn.Module, offsets: tuple[int, ...] = (1, 2), kv_groups: int = 2,
+def seed_previous_token_heads(model: torch.nn.Module, offsets: tuple[int, ...] = (1, 2), kv_groups: int = OFFSET_GROUPS,
                               sharpness: float = 60.0, emb_std: float = EMB_STD, seed: int = 0) -> None:
     """Lay out the residual stream and wire layer 0's first ``kv_groups`` KV groups as offset heads.
 
@@ -73,38 +83,36 @@ def seed_previous_token_heads(model: torch.nn.Module, offsets: tuple[int, ...] =
     if kv_groups * hd > slice_width:
         raise ValueError(f"kv_groups: {kv_groups} x head_dim {hd} does not fit a {slice_width}-wide residual slice")
     g = torch.Generator().manual_seed(seed)
-    sigma = emb_std
     emb = model.get_input_embeddings().weight
     emb.zero_()
-    emb[:, 1:ident] = torch.randn(emb.shape[0], ident - 1, generator=g) * sigma
-    emb[:, CONST] = sigma * math.sqrt(ident - 1)  # as large as the identity part, so it survives RMSNorm
+    emb[:, 1:ident] = torch.randn(emb.shape[0], ident - 1, generator=g) * emb_std
+    emb[:, CONST] = emb_std * math.sqrt(ident - 1)  # as large as the identity part, so it survives RMSNorm
 
     # tied embeddings: scale the final norm so that the initial logits are O(1), as with the usual init
-    model.model.norm.weight.fill_(1.0 / (sigma * math.sqrt(ident)))
+    model.model.norm.weight.fill_(1.0 / (emb_std * math.sqrt(ident)))
     for layer in model.model.layers:
         layer.self_attn.o_proj.weight.zero_()
         layer.mlp.down_proj.weight.zero_()
 
     attn = model.model.layers[0].self_attn
-    inv_freq = model.model.rotary_emb.inv_freq
-    horizon = cfg.max_position_embeddings
+    patterns = [rope_offset_pattern(model.model.rotary_emb.inv_freq, offset, cfg.max_position_embeddings) for offset in offsets]
+    key = patterns[0][1]  # the same for every offset: only the query carries it
     # after RMSNorm the constant coordinate is ~sqrt(d/2); score = (lam * c)^2 * query.R(d)key / sqrt(hd)
     c = math.sqrt(d / 2)
     lam = math.sqrt(sharpness * math.sqrt(hd)) / c
     for grp in range(kv_groups):
         rows = slice(grp * hd, (grp + 1) * hd)
         attn.k_proj.weight[rows] = 0
+        attn.k_proj.weight[rows, CONST] = lam * key
         attn.v_proj.weight[rows] = 0
         attn.v_proj.weight[rows, 1:ident] = torch.randn(hd, ident - 1, generator=g) / math.sqrt(ident - 1)
-        for i, offset in enumerate(offsets):
-            query, key = rope_offset_pattern(inv_freq, offset, horizon)
+        for i, (query, _) in enumerate(patterns):
             head = grp * per_group + i
             hrows = slice(head * hd, (head + 1) * hd)
             attn.q_proj.weight[hrows] = 0
             attn.q_proj.weight[hrows, CONST] = lam * query
-            attn.k_proj.weight[rows, CONST] = lam * key
             start = ident + i * slice_width + grp * hd
-            attn.o_proj.weight[start:start + hd, head * hd:(head + 1) * hd] = torch.eye(hd) * sigma
+            attn.o_proj.weight[start:start + hd, head * hd:(head + 1) * hd] = torch.eye(hd) * emb_std
 
 
 @torch.no_grad()
@@ -127,7 +135,7 @@ def seed_induction_heads(model: torch.nn.Module, match: float, copy: float, cont
     attn = model.model.layers[1].self_attn
     lo = [p for p in range(half - content_pairs, half)] + [p + half for p in range(half - content_pairs, half)]
     for grp in range(cfg.num_key_value_heads):
-        src = grp % 2  # layer-0 group whose offset-1 slice this group keys on
+        src = grp % OFFSET_GROUPS  # layer-0 group whose offset-1 slice this group keys on
         value_map = l0.v_proj.weight[src * hd:(src + 1) * hd, 1:ident]  # (hd, ident-1)
         mix = torch.randn(len(lo), hd, generator=g) / math.sqrt(hd)
         rows = slice(grp * hd, (grp + 1) * hd)

@@ -17,8 +17,8 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tqdm import tqdm
 
-from kvtier.training.circuit_init import seed_induction_heads, seed_previous_token_heads
 from kvtier.training.bpe import BOS_ID, EOS_ID, PAD_ID, tokenizer_config, train_bpe
+from kvtier.training.circuit_init import seed_circuit
 from kvtier.training.corpus import read_texts, split_corpus
 from kvtier.eval.probe import induction_accuracy, run_probe
 from kvtier.training.data import BatchMaker, TokenIds, token_stream
@@ -74,8 +74,7 @@ def train(recipe: Recipe, out_dir: Path, work_dir: Path, seed: int = 0, steps: i
     batches = BatchMaker(tok, train_ids, recipe.mix, seed)
     model = build_model(recipe, seed)
     if recipe.circuit:
-        seed_previous_token_heads(model, seed=seed)
-        seed_induction_heads(model, recipe.circuit.match, recipe.circuit.copy, recipe.circuit.content_pairs, seed=seed + 1)
+        seed_circuit(model, recipe.circuit, seed)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kvtier.eval.probe import induction_accuracy
-from kvtier.training.circuit_init import seed_induction_heads, seed_previous_token_heads
+from kvtier.training.circuit_init import seed_circuit, seed_previous_token_heads
 from kvtier.training.recipes import KVTIER_TINY
 from kvtier.training.trainer import build_model
 
@@ -21,10 +21,10 @@ RECIPE = dataclasses.replace(KVTIER_TINY, config={**KVTIER_TINY.config, "max_pos
 
 def _seeded(induction: bool) -> torch.nn.Module:
     model = build_model(RECIPE, seed=0)
-    seed_previous_token_heads(model, seed=0)
     if induction:
-        c = RECIPE.circuit
-        seed_induction_heads(model, c.match, c.copy, c.content_pairs, seed=1)
+        seed_circuit(model, RECIPE.circuit, seed=0)
+    else:
+        seed_previous_token_heads(model, seed=0)
     return model.eval()
 
 
