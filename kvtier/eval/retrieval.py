@@ -3,7 +3,7 @@
 These are the probes that tell whether a KV-cache method kept what the model needs. The passkey task
 follows Mohtashami & Jaggi (Landmark Attention, 2023): a number hidden at a chosen depth in repeated
 filler, asked for at the end. Multi-key needle and variable tracking follow RULER (Hsieh et al., 2024):
-"One of the special magic numbers for KEY is: VALUE." among distractor needles, and chains
+"The special magic number for KEY is VALUE." among distractor needles, and chains
 ``VAR A = 12345``, ``VAR B = VAR A`` whose members must all be named.
 
 Each generator takes the model's tokenizer (anything with ``encode(text) -> list[int]``) and fills the
@@ -132,17 +132,22 @@ def passkey(tokenizer: TokenEncoder, context_tokens: int, depth: float, seed: in
 
 
 def multikey_needle(tokenizer: TokenEncoder, context_tokens: int, depth: float, seed: int, num_distractors: int = 4) -> RetrievalSample:
-    """RULER's multi-key needle: 1 + ``num_distractors`` keyed seven-digit numbers, one asked for."""
+    """Multi-key needle: 1 + ``num_distractors`` keyed seven-digit numbers, one asked for.
+
+    RULER's task with the needle and answer phrased as the same sentence, "The special magic number for
+    KEY is VALUE." (RULER writes "One of the special magic numbers for KEY is: VALUE." and ends its
+    prompt "... for KEY mentioned in the provided text is", which puts six tokens between key and answer).
+    """
     _check(context_tokens, depth)
     if isinstance(num_distractors, bool) or not isinstance(num_distractors, int) or not 0 <= num_distractors <= 64:
         raise InvalidArgumentError("num_distractors", f"must be an integer in [0, 64], got {num_distractors!r}")
     rng = random.Random(seed)
     keys = rng.sample([f"{a}-{n}" for a in ADJECTIVES for n in NOUNS], num_distractors + 1)
     values = [str(rng.randint(1_000_000, 9_999_999)) for _ in keys]
-    needles = [(depth, f"One of the special magic numbers for {keys[0]} is: {values[0]}.")]
-    needles += [(rng.random(), f"One of the special magic numbers for {k} is: {v}.") for k, v in zip(keys[1:], values[1:])]
+    needles = [(depth, f"The special magic number for {keys[0]} is {values[0]}.")]
+    needles += [(rng.random(), f"The special magic number for {k} is {v}.") for k, v in zip(keys[1:], values[1:])]
     head = "Some special magic numbers are hidden within the following text. Make sure to memorize it. I will quiz you about the numbers afterwards.\n"
-    question = f"\nWhat is the special magic number for {keys[0]} mentioned in the provided text? The special magic number for {keys[0]} mentioned in the provided text is"
+    question = f"\nWhat is the special magic number for {keys[0]}? The special magic number for {keys[0]} is"
     prompt, n = _fill(tokenizer, context_tokens, lambda f: head + _insert(f, needles) + question)
     return RetrievalSample("multikey", prompt, question, f" {values[0]}.", (values[0],), n, depth)
 

@@ -25,13 +25,13 @@ from kvtier.training.recipes import CircuitInit
 
 CONST = 0  # the embedding coordinate every token holds at the same value
 EMB_STD = 1.0  # O(1) embeddings: Adam's ~lr-sized steps then leave token identities legible (0.02 is swamped in ~10 steps)
-OFFSET_GROUPS = 2  # layer-0 KV groups wired as offset heads; the rest of layer 0 is left to training
+OFFSETS = (1, 2, 3, 4)  # layer-0 heads attending this many tokens back: two KV groups; the rest of layer 0 is left to training
 
 
 def seed_circuit(model: torch.nn.Module, circuit: CircuitInit, seed: int) -> None:
     """The whole structured start: offset heads in layer 0, then matching/copying heads in layer 1 that read them."""
     seed_previous_token_heads(model, seed=seed)
-    seed_induction_heads(model, circuit.match, circuit.copy, circuit.content_pairs, seed=seed + 1)
+    seed_induction_heads(model, circuit.match, circuit.copy, circuit.content_pairs, circuit.key_tokens, seed=seed + 1)
 
 
 def rope_offset_pattern(inv_freq: torch.Tensor, offset: int, horizon: int, steps: int = 400) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,24 +64,22 @@ def rope_offset_pattern(inv_freq: torch.Tensor, offset: int, horizon: int, steps
 
 
 @torch.no_grad()
-def seed_previous_token_heads(model: torch.nn.Module, offsets: tuple[int, ...] = (1, 2), kv_groups: int = OFFSET_GROUPS,
-                              sharpness: float = 60.0, emb_std: float = EMB_STD, seed: int = 0) -> None:
-    """Lay out the residual stream and wire layer 0's first ``kv_groups`` KV groups as offset heads.
+def seed_previous_token_heads(model: torch.nn.Module, offsets: tuple[int, ...] = OFFSETS, sharpness: float = 60.0,
+                              emb_std: float = EMB_STD, seed: int = 0) -> None:
+    """Lay out the residual stream and wire layer 0's first KV groups as heads attending ``offsets`` tokens back.
 
     Residual layout at step 0 (hidden size ``d``): coordinate 0 constant; token identity in the next
-    ``d/2 - 1``; the rest split evenly between the ``offsets`` (each KV group's head for an offset
-    writes its own ``head_dim`` slice there). Query heads of a group share its key and value, so a
-    group has one head per offset: ``len(offsets)`` must equal the query heads per group.
+    ``d/2 - 1``; then one ``head_dim`` slice per offset, in order, holding that earlier token's identity
+    through one value map shared by all offset heads (so later heads can compare the slices). Query heads
+    of a KV group share its key and value, so consecutive offsets fill a group's query heads in turn.
     """
     cfg = model.config
     d, hd = cfg.hidden_size, cfg.head_dim
     per_group = cfg.num_attention_heads // cfg.num_key_value_heads
-    if len(offsets) != per_group:
-        raise ValueError(f"offsets: need one per query head of a KV group ({per_group}), got {offsets}")
     ident = d // 2
-    slice_width = (d - ident) // len(offsets)
-    if kv_groups * hd > slice_width:
-        raise ValueError(f"kv_groups: {kv_groups} x head_dim {hd} does not fit a {slice_width}-wide residual slice")
+    if len(offsets) % per_group or len(offsets) * hd > d - ident:
+        raise ValueError(f"offsets: need a multiple of the {per_group} query heads per KV group, at most "
+                         f"{(d - ident) // hd} ({d - ident} free residual coordinates / head_dim {hd}), got {offsets}")
     g = torch.Generator().manual_seed(seed)
     emb = model.get_input_embeddings().weight
     emb.zero_()
@@ -95,35 +93,37 @@ def seed_previous_token_heads(model: torch.nn.Module, offsets: tuple[int, ...] =
         layer.mlp.down_proj.weight.zero_()
 
     attn = model.model.layers[0].self_attn
-    patterns = [rope_offset_pattern(model.model.rotary_emb.inv_freq, offset, cfg.max_position_embeddings) for offset in offsets]
-    key = patterns[0][1]  # the same for every offset: only the query carries it
+    inv_freq = model.model.rotary_emb.inv_freq
     # after RMSNorm the constant coordinate is ~sqrt(d/2); score = (lam * c)^2 * query.R(d)key / sqrt(hd)
-    c = math.sqrt(d / 2)
-    lam = math.sqrt(sharpness * math.sqrt(hd)) / c
-    for grp in range(kv_groups):
+    lam = math.sqrt(sharpness * math.sqrt(hd)) / math.sqrt(d / 2)
+    read = torch.randn(hd, ident - 1, generator=g) / math.sqrt(ident - 1)
+    for grp in range(len(offsets) // per_group):
         rows = slice(grp * hd, (grp + 1) * hd)
-        attn.k_proj.weight[rows] = 0
-        attn.k_proj.weight[rows, CONST] = lam * key
         attn.v_proj.weight[rows] = 0
-        attn.v_proj.weight[rows, 1:ident] = torch.randn(hd, ident - 1, generator=g) / math.sqrt(ident - 1)
-        for i, (query, _) in enumerate(patterns):
+        attn.v_proj.weight[rows, 1:ident] = read
+        for i in range(per_group):
             head = grp * per_group + i
+            query, key = rope_offset_pattern(inv_freq, offsets[head], cfg.max_position_embeddings)
+            attn.k_proj.weight[rows] = 0  # the key is the same for every offset: only the query carries it
+            attn.k_proj.weight[rows, CONST] = lam * key
             hrows = slice(head * hd, (head + 1) * hd)
             attn.q_proj.weight[hrows] = 0
             attn.q_proj.weight[hrows, CONST] = lam * query
-            start = ident + i * slice_width + grp * hd
-            attn.o_proj.weight[start:start + hd, head * hd:(head + 1) * hd] = torch.eye(hd) * emb_std
+            start = ident + head * hd
+            attn.o_proj.weight[start:start + hd, hrows] = torch.eye(hd) * emb_std
 
 
 @torch.no_grad()
-def seed_induction_heads(model: torch.nn.Module, match: float, copy: float, content_pairs: int, emb_std: float = EMB_STD,
-                         seed: int = 1) -> None:
-    """Wire layer 1's first query head of every KV group to match the current token against the offset-1 feature.
+def seed_induction_heads(model: torch.nn.Module, match: float, copy: float, content_pairs: int, key_tokens: int,
+                         emb_std: float = EMB_STD, seed: int = 1) -> None:
+    """Wire layer 1's first query head of every KV group to match the last ``key_tokens`` tokens against earlier n-grams.
 
-    Query: the token's identity through layer 0's value map; key: the offset-1 slice layer 0 wrote. Both go
-    into the ``content_pairs`` lowest RoPE frequencies, which barely rotate over the context, so the score
-    is content, not position. Value/output copy the attended token's identity back (tied embeddings make
-    that a logit boost for it).
+    Key at position s: the tokens at s-1 .. s-key_tokens (layer 0's offset slices). Query at t: the token
+    itself (through layer 0's shared value map) and t-1 .. t-key_tokens+1 (the offset slices again), each
+    term through its own random projection into the ``content_pairs`` lowest RoPE frequencies, which
+    barely rotate over the context: the score counts matching tokens, so the longest earlier match of the
+    recent tokens wins, and a lone repeat of the current token still scores. Value/output copy the
+    attended token's identity back (tied embeddings make that a logit boost for it).
     """
     cfg = model.config
     d, hd = cfg.hidden_size, cfg.head_dim
@@ -131,21 +131,25 @@ def seed_induction_heads(model: torch.nn.Module, match: float, copy: float, cont
     ident = d // 2
     half = hd // 2
     g = torch.Generator().manual_seed(seed)
-    l0 = model.model.layers[0].self_attn
+    value_map = model.model.layers[0].self_attn.v_proj.weight[:hd, 1:ident]  # (hd, ident-1), shared by the offset heads
     attn = model.model.layers[1].self_attn
-    lo = [p for p in range(half - content_pairs, half)] + [p + half for p in range(half - content_pairs, half)]
+    lo = torch.tensor([p for p in range(half - content_pairs, half)] + [p + half for p in range(half - content_pairs, half)])
+
+    def feature(offset: int) -> slice:
+        return slice(ident + (offset - 1) * hd, ident + offset * hd)
+
     for grp in range(cfg.num_key_value_heads):
-        src = grp % OFFSET_GROUPS  # layer-0 group whose offset-1 slice this group keys on
-        value_map = l0.v_proj.weight[src * hd:(src + 1) * hd, 1:ident]  # (hd, ident-1)
-        mix = torch.randn(len(lo), hd, generator=g) / math.sqrt(hd)
         rows = slice(grp * hd, (grp + 1) * hd)
         head = grp * per_group
-        hrows = slice(head * hd, (head + 1) * hd)
-        attn.q_proj.weight[hrows] = 0
+        attn.q_proj.weight[head * hd:(head + 1) * hd] = 0
         attn.k_proj.weight[rows] = 0
-        attn.q_proj.weight[head * hd + torch.tensor(lo), 1:ident] = match * (mix @ value_map)
-        start = ident + src * hd
-        attn.k_proj.weight[grp * hd + torch.tensor(lo), start:start + hd] = match * mix
+        for j in range(1, key_tokens + 1):  # key term j: the token j back from s; query term: j - 1 back from t
+            mix = match * torch.randn(len(lo), hd, generator=g) / math.sqrt(hd * key_tokens)
+            attn.k_proj.weight[grp * hd + lo, feature(j)] = mix
+            if j == 1:
+                attn.q_proj.weight[head * hd + lo, 1:ident] = mix @ value_map
+            else:
+                attn.q_proj.weight[head * hd + lo, feature(j - 1)] = mix
         read = torch.randn(hd, ident - 1, generator=g) / math.sqrt(ident - 1)
         attn.v_proj.weight[rows] = 0
         attn.v_proj.weight[rows, 1:ident] = read

@@ -51,8 +51,8 @@ COPY_SEGMENT = (16, 128)  # random tokens per copy-row segment
 class RetrievalMix:
     """How often each retrieval task opens a row, and the shortest document generated."""
 
-    retrieval_fraction: float = 0.45
-    copy_fraction: float = 0.25  # rows of random-token segments repeated across code gaps (see BatchMaker.copy_row)
+    retrieval_fraction: float = 0.40
+    copy_fraction: float = 0.15  # rows of random-token segments repeated across code gaps (see BatchMaker.copy_row)
     passkey: float = 0.35
     multikey: float = 0.45
     vartrack: float = 0.20

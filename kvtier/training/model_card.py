@@ -82,9 +82,12 @@ def _initialisation(name: str) -> str:
     circuit = RECIPES[name].circuit
     if circuit is None:
         return "transformers' default (normal, std 0.02)"
-    return ("structured (`kvtier.training.circuit_init`): layer 0 starts with heads that attend 1 and 2 tokens back, layer 1 "
-            f"with heads that match the current token against that feature in the {circuit.content_pairs} lowest RoPE "
-            "frequencies and copy what follows; residual outputs start at zero; everything is then trained")
+    from kvtier.training.circuit_init import OFFSETS
+
+    return (f"structured (`kvtier.training.circuit_init`): layer 0 starts with heads that attend {', '.join(map(str, OFFSETS))} tokens "
+            f"back, layer 1 with heads that match the last {circuit.key_tokens} tokens against those features in the "
+            f"{circuit.content_pairs} lowest RoPE frequencies and copy what follows; residual outputs start at zero; "
+            "everything is then trained")
 
 
 def write_card(folder: Path, name: str, description: str, results: dict, training: dict, machine: str, command: str) -> Path:

@@ -25,16 +25,17 @@ class Stage:
 class CircuitInit:
     """Start a Llama with an induction circuit (see :mod:`kvtier.training.circuit_init`)."""
 
-    match: float = 3.0  # query/key weight of the matching heads
+    match: float = 5.0  # query/key weight of the matching heads
     copy: float = 10.0  # value/output weight of the copying heads, in units of the embedding scale
     content_pairs: int = 8  # RoPE pairs (lowest frequencies) the matching heads use
+    key_tokens: int = 3  # how many recent tokens the matching heads compare (an n-gram key, 1 = the token alone)
 
 
 @dataclass(frozen=True)
 class Recipe:
     name: str
     config: dict[str, Any]  # config.json keys; transformers builds the model from them
-    stages: tuple[Stage, ...] = (Stage(0.5, 8, 256), Stage(0.3, 4, 512), Stage(0.2, 1, CONTEXT))
+    stages: tuple[Stage, ...] = (Stage(0.3, 8, 256), Stage(0.4, 4, 512), Stage(0.3, 1, CONTEXT))
     steps: int = 4000
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
@@ -86,8 +87,10 @@ KVTIER_TINY = Recipe(
         "intermediate_size": 768,
         "num_hidden_layers": 6,
         "head_dim": 32,
-        # a high base leaves the lowest-frequency RoPE pairs nearly unrotated across 4K tokens: the matching heads' content
-        "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"},
+        # a high base leaves the 8 lowest-frequency RoPE pairs nearly unrotated across 4K tokens (the slowest of
+        # the upper half turns 0.4 rad): the matching heads' content. At 500,000 it turned 2.9 rad by 2K tokens and
+        # retrieval failed beyond ~1K tokens of distance.
+        "rope_parameters": {"rope_theta": 1e8, "rope_type": "default"},
         "attention_bias": False,
         "mlp_bias": False,
     },

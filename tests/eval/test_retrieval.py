@@ -52,9 +52,9 @@ def test_passkey_sits_at_the_requested_depth_and_is_the_answer(tok, depth):
 
 def test_multikey_hides_one_value_per_key_and_asks_for_the_first(tok):
     s = multikey_needle(tok, 1500, 0.4, seed=11, num_distractors=4)
-    found = re.findall(r"One of the special magic numbers for ([a-z]+-[a-z]+) is: (\d{7})\.", s.context)
+    found = re.findall(r"The special magic number for ([a-z]+-[a-z]+) is (\d{7})\.", s.context)
     assert len(found) == 5 and len({k for k, _ in found}) == 5
-    asked = re.search(r"magic number for ([a-z]+-[a-z]+) mentioned", s.question).group(1)
+    asked = re.search(r"magic number for ([a-z]+-[a-z]+)\?", s.question).group(1)
     assert dict(found)[asked] == s.answer[0]
     assert s.is_correct(s.completion)
     wrong = next(v for k, v in found if k != asked)
