@@ -97,15 +97,17 @@ def seed_previous_token_heads(model: torch.nn.Module, offsets: tuple[int, ...] =
     # after RMSNorm the constant coordinate is ~sqrt(d/2); score = (lam * c)^2 * query.R(d)key / sqrt(hd)
     lam = math.sqrt(sharpness * math.sqrt(hd)) / math.sqrt(d / 2)
     read = torch.randn(hd, ident - 1, generator=g) / math.sqrt(ident - 1)
+    patterns = [rope_offset_pattern(inv_freq, offset, cfg.max_position_embeddings) for offset in offsets]
+    key = patterns[0][1]  # the same for every offset: only the query carries it
     for grp in range(len(offsets) // per_group):
         rows = slice(grp * hd, (grp + 1) * hd)
+        attn.k_proj.weight[rows] = 0
+        attn.k_proj.weight[rows, CONST] = lam * key
         attn.v_proj.weight[rows] = 0
         attn.v_proj.weight[rows, 1:ident] = read
         for i in range(per_group):
             head = grp * per_group + i
-            query, key = rope_offset_pattern(inv_freq, offsets[head], cfg.max_position_embeddings)
-            attn.k_proj.weight[rows] = 0  # the key is the same for every offset: only the query carries it
-            attn.k_proj.weight[rows, CONST] = lam * key
+            query = patterns[head][0]
             hrows = slice(head * hd, (head + 1) * hd)
             attn.q_proj.weight[hrows] = 0
             attn.q_proj.weight[hrows, CONST] = lam * query
@@ -135,7 +137,10 @@ def seed_induction_heads(model: torch.nn.Module, match: float, copy: float, cont
     attn = model.model.layers[1].self_attn
     lo = torch.tensor([p for p in range(half - content_pairs, half)] + [p + half for p in range(half - content_pairs, half)])
 
-    def feature(offset: int) -> slice:
+    if not 1 <= key_tokens <= len(OFFSETS) or OFFSETS[:key_tokens] != tuple(range(1, key_tokens + 1)):
+        raise ValueError(f"key_tokens: must be in [1, {len(OFFSETS)}] with layer 0's offsets {OFFSETS} covering 1..key_tokens, got {key_tokens}")
+
+    def feature(offset: int) -> slice:  # layer 0 writes offset OFFSETS[i] to the i-th slice
         return slice(ident + (offset - 1) * hd, ident + offset * hd)
 
     for grp in range(cfg.num_key_value_heads):

@@ -76,3 +76,9 @@ def test_matching_heads_prefer_the_longest_earlier_match():
 
     assert hits(3) > 0.9
     assert hits(1) < 0.75  # one token of key: X and Y tie, so about half
+
+
+@pytest.mark.parametrize("key_tokens", [0, len(OFFSETS) + 1])
+def test_key_tokens_must_be_covered_by_the_offset_heads(key_tokens):
+    with pytest.raises(ValueError, match="key_tokens"):
+        seed_circuit(build_model(RECIPE, seed=0), dataclasses.replace(RECIPE.circuit, key_tokens=key_tokens), seed=0)
