@@ -6,11 +6,11 @@ after the match (Olsson et al., 2022). From random weights the two must co-evolv
 a long loss plateau before they appear; on 2 CPU cores the plateau outlasts the whole budget. The hybrid
 model does not have it, because Mamba2's short convolution already supplies previous-token features.
 
-This module gives the Llama more than that head start. Layer 0 gets positional heads that attend to
-offset 1 and 2 and write those tokens' identities into a residual subspace the embeddings leave empty;
+This module gives the Llama more than that head start. Layer 0 gets positional heads that attend 1 to 4
+tokens back and write those tokens' identities into a residual subspace the embeddings leave empty;
 their queries and keys read one embedding coordinate that every token holds at the same value, and RoPE
-turns that into a score peaked at the chosen offset. Layer 1 gets heads that match the current token
-against the offset-1 feature and copy the token found. Residual-branch output projections start at zero
+turns that into a score peaked at the chosen offset. Layer 1 gets heads that match the last few tokens
+against those features (an n-gram key, so the longest earlier match wins) and copy the token found. Residual-branch output projections start at zero
 (as in modded-nanogpt), so at step 0 the stream holds exactly the embedding and these features. All of
 it is then trained like any other weight.
 """
@@ -137,11 +137,12 @@ def seed_induction_heads(model: torch.nn.Module, match: float, copy: float, cont
     attn = model.model.layers[1].self_attn
     lo = torch.tensor([p for p in range(half - content_pairs, half)] + [p + half for p in range(half - content_pairs, half)])
 
-    if not 1 <= key_tokens <= len(OFFSETS) or OFFSETS[:key_tokens] != tuple(range(1, key_tokens + 1)):
-        raise ValueError(f"key_tokens: must be in [1, {len(OFFSETS)}] with layer 0's offsets {OFFSETS} covering 1..key_tokens, got {key_tokens}")
+    if key_tokens < 1 or not set(range(1, key_tokens + 1)) <= set(OFFSETS):
+        raise ValueError(f"key_tokens: must be >= 1 with layer 0's offsets {OFFSETS} covering 1..key_tokens, got {key_tokens}")
 
-    def feature(offset: int) -> slice:  # layer 0 writes offset OFFSETS[i] to the i-th slice
-        return slice(ident + (offset - 1) * hd, ident + offset * hd)
+    def feature(offset: int) -> slice:  # layer 0 writes offset OFFSETS[i] to the i-th head_dim slice after the identity
+        start = ident + OFFSETS.index(offset) * hd
+        return slice(start, start + hd)
 
     for grp in range(cfg.num_key_value_heads):
         rows = slice(grp * hd, (grp + 1) * hd)
