@@ -31,18 +31,27 @@ def trial_depths(trials: int, num_depths: int = 10) -> list[float]:
 
 @torch.inference_mode()
 def greedy_after_decoded_question(model: torch.nn.Module, context_ids: list[int], question_ids: list[int], max_new_tokens: int) -> list[int]:
-    """Prefill ``context_ids``, feed ``question_ids`` one decode step each, then decode greedily."""
+    """Prefill ``context_ids``, feed ``question_ids`` one decode step each, then decode greedily.
+
+    Each step passes its position: some transformers models (Bamba) otherwise number a decode step's
+    token from 0, as if the cache were empty.
+    """
     out = model(input_ids=torch.tensor([context_ids]), use_cache=True)
-    past = out.past_key_values
+    past, pos = out.past_key_values, len(context_ids)
+
+    def step(token: int):
+        nonlocal pos
+        result = model(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[pos]]), past_key_values=past, use_cache=True)
+        pos += 1
+        return result
+
     for t in question_ids:
-        out = model(input_ids=torch.tensor([[t]]), past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = step(t)
     generated: list[int] = []
     for _ in range(max_new_tokens):
         nxt = int(out.logits[0, -1].argmax())
         generated.append(nxt)
-        out = model(input_ids=torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = step(nxt)
     return generated
 
 

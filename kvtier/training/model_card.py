@@ -76,7 +76,20 @@ def _stages(training: dict) -> str:
     return ", then ".join(f"{100 * s['fraction']:.0f}% of them with {s['batch_size']} x {s['seq_len']}-token rows" for s in training["stages"])
 
 
-def _initialisation(name: str) -> str:
+def _attention_layers(config: dict) -> list[int]:
+    return config.get("attn_layer_indices", list(range(config["num_hidden_layers"])))
+
+
+def _layers(config: dict) -> str:
+    attn = _attention_layers(config)
+    if len(attn) == config["num_hidden_layers"]:
+        return f"{config['num_hidden_layers']} attention"
+    return (f"{config['num_hidden_layers']}: attention at {', '.join(map(str, attn))}, Mamba2 at the other "
+            f"{config['num_hidden_layers'] - len(attn)} ({config['mamba_n_heads']} heads x {config['mamba_d_head']}, state {config['mamba_d_state']}, "
+            f"conv {config['mamba_d_conv']})")
+
+
+def _initialisation(name: str, config: dict) -> str:
     from kvtier.training.recipes import RECIPES
 
     circuit = RECIPES[name].circuit
@@ -84,8 +97,9 @@ def _initialisation(name: str) -> str:
         return "transformers' default (normal, std 0.02)"
     from kvtier.training.circuit_init import OFFSETS
 
-    return (f"structured (`kvtier.training.circuit_init`): layer 0 starts with heads that attend {', '.join(map(str, OFFSETS))} tokens "
-            f"back, layer 1 with heads that match the last {circuit.key_tokens} tokens against those features in the "
+    first, second = _attention_layers(config)[:2]
+    return (f"structured (`kvtier.training.circuit_init`): layer {first} starts with heads that attend {', '.join(map(str, OFFSETS))} tokens "
+            f"back, layer {second} with heads that match the last {circuit.key_tokens} tokens against those features in the "
             f"{circuit.content_pairs} lowest RoPE frequencies and copy what follows; residual outputs start at zero; "
             "everything is then trained")
 
@@ -114,11 +128,12 @@ tags: [kvtier, tiny, python-code, long-context-retrieval]
 | --- | --- |
 | architecture | `{config['architectures'][0]}` |
 | parameters | {params / 1e6:.2f} M ({size_mb:.1f} MB of bf16 safetensors) |
-| layers / hidden / heads | {config['num_hidden_layers']} / {config['hidden_size']} / {config['num_attention_heads']} (KV heads {config.get('num_key_value_heads', '-')}) |
+| layers | {_layers(config)} |
+| hidden / attention heads | {config['hidden_size']} / {config['num_attention_heads']} (KV heads {config['num_key_value_heads']}) |
 | context | trained on {training['seq_len']}-token rows; `max_position_embeddings` {config['max_position_embeddings']} |
 | tokenizer | byte-level BPE, {config['vocab_size']} tokens, digits split one per token, trained on the training split |
 | training | {training['steps']} steps ({_stages(training)}) = {training['tokens'] / 1e6:.1f} M tokens in {training['train_seconds'] / 60:.1f} min |
-| initialisation | {_initialisation(name)} |
+| initialisation | {_initialisation(name, config)} |
 | machine | {machine} |
 
 ## Data

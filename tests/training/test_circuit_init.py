@@ -1,4 +1,4 @@
-"""The structured initialisation: layer 0's offset heads attend where they claim, and the seeded model copies.
+"""The structured initialisation: the offset heads attend where they claim, and the seeded models copy.
 
 The induction probe is the independent check: it knows nothing of how the weights were laid out, only
 whether the second copy of random-token segments is predicted.
@@ -13,7 +13,7 @@ import torch
 
 from kvtier.eval.probe import induction_accuracy
 from kvtier.training.circuit_init import OFFSETS, seed_circuit, seed_previous_token_heads
-from kvtier.training.recipes import KVTIER_TINY
+from kvtier.training.recipes import KVTIER_TINY, KVTIER_TINY_HYBRID
 from kvtier.training.trainer import build_model
 
 RECIPE = dataclasses.replace(KVTIER_TINY, config={**KVTIER_TINY.config, "max_position_embeddings": 1024})
@@ -82,3 +82,12 @@ def test_matching_heads_prefer_the_longest_earlier_match():
 def test_key_tokens_must_be_covered_by_the_offset_heads(key_tokens):
     with pytest.raises(ValueError, match="key_tokens"):
         seed_circuit(build_model(RECIPE, seed=0), dataclasses.replace(RECIPE.circuit, key_tokens=key_tokens), seed=0)
+
+
+@torch.no_grad()
+def test_the_hybrid_carries_the_circuit_in_its_attention_layers():
+    """Bamba's attention layers sit among Mamba2 layers; the zero-init mixers leave the circuit intact."""
+    hybrid = dataclasses.replace(KVTIER_TINY_HYBRID, config={**KVTIER_TINY_HYBRID.config, "max_position_embeddings": 1024})
+    model = build_model(hybrid, seed=0)
+    seed_circuit(model, hybrid.circuit, seed=0)
+    assert induction_accuracy(model.eval(), hybrid.config["vocab_size"], segment=64, rows=8) > 0.9
