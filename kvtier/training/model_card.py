@@ -2,18 +2,21 @@
 
 Every figure in a card comes from :func:`evaluate`, run on the saved bf16 weights: validation
 perplexity on held-out stdlib files, retrieval accuracy by context length and depth, and a greedy
-continuation of ``def fibonacci(n):``.
+continuation of ``def fibonacci(n):``, checked as Python syntax.
 """
 
 from __future__ import annotations
 
+import codeop
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer as HFTokenizer
+from tqdm import tqdm
 
 from kvtier.eval.perplexity import perplexity
 from kvtier.eval.probe import ProbeResult, run_probe
@@ -38,20 +41,36 @@ def evaluate(folder: Path, validation: np.ndarray, trials: int, contexts: tuple[
     ids = TokenIds(tok)
     decode = lambda out: tok.decode(out)  # noqa: E731
     start = time.perf_counter()
+    fib = ids.encode(FIB_PROMPT)  # the quick figure first: a model that cannot generate fails in seconds, not after the probes
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([fib]), max_new_tokens=64, do_sample=False)
+    fibonacci = FIB_PROMPT + tok.decode(out[0, len(fib):].tolist())
     window = model.config.max_position_embeddings // 2
     results: dict = {"validation_perplexity": perplexity(model, validation, window, ppl_tokens), "validation_tokens": min(len(validation), ppl_tokens),
                      "perplexity_window": window, "retrieval": []}
-    for task in TASKS:
-        for n in contexts:
-            r: ProbeResult = run_probe(model, ids, decode, task, n, trials, seed)
-            results["retrieval"].append({"task": task, "context_tokens": n, "trials": trials, "accuracy": r.accuracy, "by_depth": r.by_depth})
-    fib = ids.encode(FIB_PROMPT)
-    with torch.inference_mode():
-        out = model.generate(torch.tensor([fib]), max_new_tokens=64, do_sample=False)
-    results["fibonacci"] = FIB_PROMPT + tok.decode(out[0, len(fib):].tolist())
+    cells = tqdm([(task, n) for task in TASKS for n in contexts], desc=f"evaluate {folder.name}", unit="cell")
+    for task, n in cells:
+        r: ProbeResult = run_probe(model, ids, decode, task, n, trials, seed)
+        results["retrieval"].append({"task": task, "context_tokens": n, "trials": trials, "accuracy": r.accuracy, "by_depth": r.by_depth})
+        cells.write(f"{task}@{n}: {r.accuracy:.0%}")
+    results["fibonacci"] = fibonacci
     results["eval_seconds"] = time.perf_counter() - start
     (folder / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return results
+
+
+def python_syntax(code: str) -> str:
+    """``"complete"`` (a valid program as it stands), ``"incomplete"`` (a valid beginning, cut off) or ``"syntax error: ..."``.
+
+    A generation stops at its token limit, usually mid-statement; ``codeop`` (the interactive
+    interpreter's test) tells such a valid prefix from text no continuation can make valid.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # SyntaxWarning on odd literals is not a verdict
+        try:
+            return "incomplete" if codeop.compile_command(code, symbol="exec") is None else "complete"
+        except (SyntaxError, ValueError, OverflowError) as e:
+            return f"syntax error: {getattr(e, 'msg', e)}"
 
 
 def _retrieval_table(results: dict) -> str:
@@ -178,6 +197,9 @@ extrapolation past that, which the model was not trained for.
 ```python
 {results['fibonacci']}
 ```
+
+As Python (`codeop`, the interactive interpreter's test of a statement so far; "incomplete" is a valid
+beginning that the 64-token limit cut off): **{python_syntax(results['fibonacci'])}**.
 
 ## Loss curve
 

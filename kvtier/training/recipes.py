@@ -119,7 +119,6 @@ KVTIER_TINY_HYBRID = Recipe(
         "mamba_d_conv": 4,
         "mamba_expand": 1,
         "mamba_chunk_size": 32,
-        "num_logits_to_keep": None,
     },
     steps=3400,  # ~1.4 s a step: the 90-minute budget holds fewer steps than kvtier-tiny's 4,000
     circuit=CircuitInit(),

@@ -13,9 +13,9 @@ from safetensors import safe_open
 
 from kvtier import LLM, SamplingParams
 from kvtier.config import EngineArgs
-from kvtier.errors import ModelNotFoundError
+from kvtier.errors import ModelNotFoundError, UnsupportedArchitectureError
 from kvtier.eval.retrieval import passkey
-from kvtier.models.embedded import DEFAULT_MODEL, embedded_models
+from kvtier.models.embedded import DEFAULT_MODEL, embedded_models, resolve_model
 from kvtier.models.loader import resolve_model_path
 from kvtier.training.corpus import read_texts, split_corpus
 from tests.engine.test_hf_parity import check_against_hf
@@ -81,3 +81,10 @@ def test_engine_by_name_retrieves_a_passkey():
 def test_unknown_name_lists_the_shipped_models():
     with pytest.raises(ModelNotFoundError, match="kvtier-tiny"):
         resolve_model_path("kvtier-huge")
+
+
+def test_the_hybrid_resolves_by_name_and_the_engine_names_what_it_lacks():
+    """kvtier's engine runs Llama only until the Marconi issue adds Mamba2; until then the name resolves and the error says why."""
+    assert resolve_model("kvtier-tiny-hybrid") == str(embedded_models()["kvtier-tiny-hybrid"])
+    with pytest.raises(UnsupportedArchitectureError, match="BambaForCausalLM"):
+        LLM("kvtier-tiny-hybrid", kv_cache_memory=1 << 22)

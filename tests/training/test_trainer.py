@@ -15,7 +15,7 @@ import transformers
 
 from kvtier.training.corpus import split_corpus, stdlib_sources
 from kvtier.training.data import RetrievalMix
-from kvtier.training.recipes import KVTIER_TINY, Stage
+from kvtier.training.recipes import KVTIER_TINY, KVTIER_TINY_HYBRID, Stage
 from kvtier.training.trainer import lr_at, train
 
 SMALL_ROOT = Path(sysconfig.get_paths()["stdlib"]) / "json"
@@ -24,6 +24,12 @@ SMALL = dataclasses.replace(
     config={**KVTIER_TINY.config, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
             "num_key_value_heads": 1, "head_dim": 16},
     stages=(Stage(1.0, 1, 512),), warmup_steps=1, mix=RetrievalMix(min_tokens=400), circuit=None,
+)
+SMALL_HYBRID = dataclasses.replace(
+    KVTIER_TINY_HYBRID,
+    config={**KVTIER_TINY_HYBRID.config, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "attn_layer_indices": [1],
+            "num_attention_heads": 2, "num_key_value_heads": 1, "mamba_n_heads": 2, "mamba_d_head": 16, "mamba_d_state": 8},
+    stages=SMALL.stages, warmup_steps=1, mix=SMALL.mix, circuit=None,
 )
 
 
@@ -64,3 +70,15 @@ def test_same_seed_same_weights_and_the_folder_loads(tmp_path):
     assert model.config.hidden_size == 32
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "a")
     assert tok.decode(tok("def f(x):\n    return 12345").input_ids, skip_special_tokens=True) == "def f(x):\n    return 12345"
+
+
+@pytest.mark.parametrize("recipe", [SMALL, SMALL_HYBRID], ids=["llama", "bamba"])
+def test_the_written_folder_generates_with_transformers(tmp_path, recipe):
+    """``generate`` (not just a forward) on the saved folder: it reads generation settings from config.json
+    (Bamba's ``num_logits_to_keep``), which a training forward never touches."""
+    train(recipe, tmp_path / "m", tmp_path / "work", seed=0, steps=1, corpus_root=SMALL_ROOT)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    ids = transformers.AutoTokenizer.from_pretrained(tmp_path / "m")("def f(x):", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 5)
+    assert model.config.architectures == recipe.config["architectures"]
