@@ -42,6 +42,7 @@ def residual_outputs(model: torch.nn.Module) -> list[torch.nn.Linear]:
 
 
 def head_dim(cfg) -> int:
+    """Per-head width: Llama configs state it, Bamba's leave it to hidden_size / heads."""
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
