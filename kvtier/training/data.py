@@ -1,11 +1,12 @@
 """Training batches: packed rows of stdlib code, each possibly opened by a long-context retrieval document.
 
-A row of ``seq_len`` tokens is, with probability ``copy_fraction``, a copy row (random tokens repeated
-across code gaps); with probability ``retrieval_fraction`` it is packed with generated documents
-(passkey, multi-key needle or variable tracking, answers included) whose lengths are drawn log-uniformly
-up to the full row, so every octave of context length gets the same share of answers; otherwise (and
-for the tail a document does not fill) it is a window of the tokenized stdlib stream. Many short
-documents give the copying circuit many answers to learn from; the long ones teach it to reach far.
+A row of ``seq_len`` tokens is drawn from a :class:`RetrievalMix` (a recipe's, or one stage's own): with
+probability ``copy_fraction`` it is a copy row (random tokens repeated across code gaps); with probability
+``retrieval_fraction`` it is packed with generated documents (passkey, multi-key needle or variable
+tracking, answers included) whose lengths are drawn log-uniformly from ``min_tokens`` up to the rest of
+the row, so every octave of context length gets the same share of answers; otherwise (and for the tail
+the documents do not fill) it is a window of the tokenized stdlib stream. Many short documents give the
+copying circuit many answers to learn from; the long ones teach it to reach far.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def token_stream(tok: HFTokenizer, texts: list[str]) -> np.ndarray:
 MULTIKEY_DISTRACTORS = (1, 6)  # inclusive ranges drawn per document (fewer where a short document cannot hold them)
 VARTRACK_HOPS = (1, 4)
 COPY_SEGMENT = (16, 128)  # random tokens per copy-row segment
+MIN_DOCUMENT_TOKENS = 128
 
 
 @dataclass(frozen=True)
@@ -58,19 +60,29 @@ class RetrievalMix:
     vartrack: float = 0.20
     min_tokens: int = 128  # the shortest passkey document is ~100 tokens; short documents give many answers per row
 
+    def __post_init__(self) -> None:
+        for name in ("retrieval_fraction", "copy_fraction", "passkey", "multikey", "vartrack"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise InvalidArgumentError(name, f"must be in [0, 1], got {getattr(self, name)!r}")
+        if self.retrieval_fraction + self.copy_fraction > 1.0:
+            raise InvalidArgumentError("retrieval_fraction", f"plus copy_fraction must be at most 1, got {self.retrieval_fraction} + {self.copy_fraction}")
+        if self.passkey + self.multikey + self.vartrack <= 0.0:
+            raise InvalidArgumentError("passkey", "passkey, multikey and vartrack weights must not all be 0")
+        if self.min_tokens < MIN_DOCUMENT_TOKENS:
+            raise InvalidArgumentError("min_tokens", f"must be at least {MIN_DOCUMENT_TOKENS} (a passkey document's own text), got {self.min_tokens}")
+
 
 class BatchMaker:
-    def __init__(self, tok: HFTokenizer, stream: np.ndarray, mix: RetrievalMix, seed: int) -> None:
+    def __init__(self, tok: HFTokenizer, stream: np.ndarray, seed: int) -> None:
         if len(stream) < 2:
             raise ValueError("the training stream is empty")
         self.ids = TokenIds(tok)
         self.vocab_size = tok.get_vocab_size()
         self.stream = stream
-        self.mix = mix
         self.rng = random.Random(seed)
 
-    def retrieval_document(self, max_tokens: int) -> list[int]:
-        rng, mix = self.rng, self.mix
+    def retrieval_document(self, max_tokens: int, mix: RetrievalMix) -> list[int]:
+        rng = self.rng
         length = round(math.exp(rng.uniform(math.log(mix.min_tokens), math.log(max_tokens))))
         task = rng.choices(("passkey", "multikey", "vartrack"), (mix.passkey, mix.multikey, mix.vartrack))[0]
         seed, depth = rng.randrange(1 << 62), rng.random()
@@ -108,15 +120,15 @@ class BatchMaker:
         window = self.stream[start:start + n].tolist()
         return window + [BOS_ID] * (n - len(window))
 
-    def row(self, seq_len: int) -> list[int]:
+    def row(self, seq_len: int, mix: RetrievalMix) -> list[int]:
         doc: list[int] = []
         draw = self.rng.random()
-        if draw < self.mix.copy_fraction:
+        if draw < mix.copy_fraction:
             return self.copy_row(seq_len)
-        if draw < self.mix.copy_fraction + self.mix.retrieval_fraction:
-            while seq_len - len(doc) >= self.mix.min_tokens:
-                doc += self.retrieval_document(seq_len - len(doc))
+        if draw < mix.copy_fraction + mix.retrieval_fraction:
+            while seq_len - len(doc) >= mix.min_tokens:
+                doc += self.retrieval_document(seq_len - len(doc), mix)
         return doc + self.window(seq_len - len(doc))
 
-    def batch(self, batch_size: int, seq_len: int) -> torch.Tensor:
-        return torch.tensor([self.row(seq_len) for _ in range(batch_size)], dtype=torch.long)
+    def batch(self, batch_size: int, seq_len: int, mix: RetrievalMix) -> torch.Tensor:
+        return torch.tensor([self.row(seq_len, mix) for _ in range(batch_size)], dtype=torch.long)

@@ -71,7 +71,7 @@ def train(recipe: Recipe, out_dir: Path, work_dir: Path, seed: int = 0, steps: i
     steps = recipe.steps if steps is None else steps
     torch.manual_seed(seed)
     tok, train_ids, _ = prepare_tokenizer(work_dir, seed, corpus_root)
-    batches = BatchMaker(tok, train_ids, recipe.mix, seed)
+    batches = BatchMaker(tok, train_ids, seed)
     model = build_model(recipe, seed)
     if recipe.circuit:
         seed_circuit(model, recipe.circuit, seed)
@@ -88,7 +88,7 @@ def train(recipe: Recipe, out_dir: Path, work_dir: Path, seed: int = 0, steps: i
         for g in opt.param_groups:
             g["lr"] = lr
         stage = recipe.stage_at(step, steps)
-        x = batches.batch(stage.batch_size, stage.seq_len)
+        x = batches.batch(stage.batch_size, stage.seq_len, recipe.mix_at(step, steps))
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)

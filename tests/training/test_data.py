@@ -1,0 +1,71 @@
+"""Training rows: a stage's own retrieval mix decides which documents its rows hold, every document carries
+the answer it asks for, and a mix that cannot generate documents is refused by name."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from kvtier.errors import InvalidArgumentError
+from kvtier.training.bpe import EOS_ID
+from kvtier.training.data import BatchMaker, RetrievalMix
+from kvtier.training.recipes import KVTIER_TINY, KVTIER_TINY_HYBRID
+
+TOKENIZER = Path(__file__).resolve().parents[2] / "kvtier" / "embedded" / "kvtier-tiny" / "tokenizer.json"
+NEEDLE = re.compile(r"The special magic number for (\S+) is (\d+)\.")
+QUESTION = re.compile(r"What is the special magic number for (\S+)\? The special magic number for \1 is (\d+)\.$")
+
+
+def _documents(min_tokens: int, rows: int = 6, seq_len: int = 1024) -> list[list[int]]:
+    """The EOS-terminated documents of ``rows`` rows drawn from a multi-key-only mix."""
+    tok = Tokenizer.from_file(str(TOKENIZER))
+    maker = BatchMaker(tok, np.arange(3, 4000, dtype=np.int32), seed=5)
+    mix = RetrievalMix(retrieval_fraction=1.0, copy_fraction=0.0, passkey=0.0, multikey=1.0, vartrack=0.0, min_tokens=min_tokens)
+    docs = []
+    for _ in range(rows):
+        row = maker.row(seq_len, mix)
+        assert len(row) == seq_len
+        ends = [i for i, t in enumerate(row) if t == EOS_ID]
+        docs += [row[start + 1:end] for start, end in zip([-1] + ends, ends)]
+    return docs
+
+
+@pytest.mark.parametrize("min_tokens", [128, 400])
+def test_every_document_answers_its_own_question_with_the_hidden_value(min_tokens):
+    tok = Tokenizer.from_file(str(TOKENIZER))
+    docs = _documents(min_tokens)
+    assert docs
+    for doc in docs:
+        text = tok.decode(doc)
+        needles = dict(NEEDLE.findall(text[:text.rindex("What is")]))
+        key, answer = QUESTION.search(text).groups()
+        assert needles[key] == answer
+
+
+def test_a_higher_min_tokens_gives_fewer_longer_documents():
+    short, long = _documents(128), _documents(400)
+    assert min(map(len, long)) >= 400 - 16  # 16 tokens of each drawn length are left for the answer and </s>
+    assert min(map(len, short)) < 400 - 16
+    assert len(short) > len(long)
+
+
+def test_the_last_stage_of_kvtier_tiny_draws_its_own_mix_and_the_hybrid_keeps_the_recipes():
+    steps = 4000
+    assert KVTIER_TINY.mix_at(0, steps) == KVTIER_TINY.mix
+    assert KVTIER_TINY.mix_at(steps - 1, steps) == KVTIER_TINY.stages[-1].mix != KVTIER_TINY.mix
+    assert all(KVTIER_TINY_HYBRID.mix_at(step, steps) == KVTIER_TINY_HYBRID.mix for step in range(0, steps, 97))
+
+
+@pytest.mark.parametrize("field, value", [("retrieval_fraction", 1.5), ("copy_fraction", -0.1), ("multikey", 2.0), ("min_tokens", 64)])
+def test_a_mix_out_of_range_is_refused_naming_the_field(field, value):
+    with pytest.raises(InvalidArgumentError, match=field):
+        RetrievalMix(**{field: value})
+
+
+def test_fractions_that_overfill_a_row_are_refused():
+    with pytest.raises(InvalidArgumentError, match="retrieval_fraction"):
+        RetrievalMix(retrieval_fraction=0.9, copy_fraction=0.2)
