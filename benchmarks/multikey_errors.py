@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from kvtier.errors import InvalidArgumentError
-from kvtier.eval.probe import greedy_after_decoded_question, trial_depths
-from kvtier.eval.retrieval import RetrievalSample, make_sample
+from kvtier.eval.probe import probe_replies
+from kvtier.eval.retrieval import RetrievalSample
+from kvtier.machine import machine_line
 from kvtier.training.data import TokenIds
 from kvtier.training.model_card import load
-from kvtier.machine import machine_line
 
 NEEDLE = re.compile(r"The special magic number for (\S+) is (\d+)\.")
 KINDS = ("right", "another needle, the last", "another needle, not the last", "starts like a needle, goes on differently", "other")
@@ -45,14 +45,7 @@ def classify(sample: RetrievalSample, reply: str) -> str:
 
 def error_counts(folder: Path, context_tokens: int, trials: int, seed: int) -> Counter:
     model, tok = load(folder)
-    ids = TokenIds(tok)
-    counts: Counter = Counter()
-    for i, depth in enumerate(trial_depths(trials)):
-        sample = make_sample("multikey", ids, context_tokens, depth, seed + i)
-        context = list(ids.encode(sample.context))
-        question = list(ids.encode(sample.prompt))[len(context):]
-        counts[classify(sample, tok.decode(greedy_after_decoded_question(model, context, question, 12)))] += 1
-    return counts
+    return Counter(classify(sample, reply) for sample, reply in probe_replies(model, TokenIds(tok), tok.decode, "multikey", context_tokens, trials, seed))
 
 
 def main() -> None:

@@ -8,11 +8,12 @@ it gives the same answer as one prefill; it is the protocol the method compariso
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from kvtier.eval.retrieval import TokenEncoder, make_sample
+from kvtier.eval.retrieval import RetrievalSample, TokenEncoder, make_sample
 
 
 @dataclass(frozen=True)
@@ -55,19 +56,25 @@ def greedy_after_decoded_question(model: torch.nn.Module, context_ids: list[int]
     return generated
 
 
-def run_probe(model: torch.nn.Module, tokenizer: TokenEncoder, decode, task: str, context_tokens: int, trials: int, seed: int = 0,
-              max_new_tokens: int = 12) -> ProbeResult:
-    """Accuracy of ``task`` at ``context_tokens`` over ``trials`` samples (seeds ``seed + i``) at evenly spread depths.
+def probe_replies(model: torch.nn.Module, tokenizer: TokenEncoder, decode, task: str, context_tokens: int, trials: int, seed: int = 0,
+                  max_new_tokens: int = 12) -> Iterator[tuple[RetrievalSample, str]]:
+    """Each of ``trials`` samples (seeds ``seed + i``, depths from :func:`trial_depths`) with the model's reply.
 
     ``tokenizer.encode`` must add ``<s>``; ``decode(ids) -> str`` turns the generated ids back into text.
     """
-    hits: dict[float, list[bool]] = defaultdict(list)
     for i, depth in enumerate(trial_depths(trials)):
         sample = make_sample(task, tokenizer, context_tokens, depth, seed + i)
         context_ids = list(tokenizer.encode(sample.context))
         question_ids = list(tokenizer.encode(sample.prompt))[len(context_ids):]
-        generated = greedy_after_decoded_question(model, context_ids, question_ids, max_new_tokens)
-        hits[depth].append(sample.is_correct(decode(generated)))
+        yield sample, decode(greedy_after_decoded_question(model, context_ids, question_ids, max_new_tokens))
+
+
+def run_probe(model: torch.nn.Module, tokenizer: TokenEncoder, decode, task: str, context_tokens: int, trials: int, seed: int = 0,
+              max_new_tokens: int = 12) -> ProbeResult:
+    """Accuracy of ``task`` at ``context_tokens`` over the replies of :func:`probe_replies`, overall and by depth."""
+    hits: dict[float, list[bool]] = defaultdict(list)
+    for sample, reply in probe_replies(model, tokenizer, decode, task, context_tokens, trials, seed, max_new_tokens):
+        hits[sample.depth].append(sample.is_correct(reply))
     total = [h for v in hits.values() for h in v]
     return ProbeResult(task, context_tokens, trials, sum(total) / len(total), {d: sum(v) / len(v) for d, v in sorted(hits.items())})
 

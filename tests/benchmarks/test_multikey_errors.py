@@ -30,4 +30,3 @@ def test_each_kind_of_reply(sample):
     assert classify(sample, f" {sample.answer[0][:4]}{stranger[4:]}.") == "starts like a needle, goes on differently"
     assert classify(sample, f" {stranger}.") == "other"
     assert classify(sample, " no number") == "other"
-
