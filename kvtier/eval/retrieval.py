@@ -55,6 +55,7 @@ class RetrievalSample:
     answer: tuple[str, ...]  # the values a correct reply names (one number, or every chained variable)
     context_tokens: int  # the prompt's length in the tokenizer's tokens
     depth: float  # where the (queried) needle sits, 0 = start of the filler, 1 = end
+    followups: tuple[str, ...] = ()  # questions about the other needles, each with its answer: training may append them
 
     @property
     def context(self) -> str:
@@ -137,6 +138,8 @@ def multikey_needle(tokenizer: TokenEncoder, context_tokens: int, depth: float, 
     RULER's task with the needle and answer phrased as the same sentence, "The special magic number for
     KEY is VALUE." (RULER writes "One of the special magic numbers for KEY is: VALUE." and ends its
     prompt "... for KEY mentioned in the provided text is", which puts six tokens between key and answer).
+    The sample's ``followups`` ask about the distractors too, in random order (RULER's multi-query variant);
+    drawn after everything else, they leave the sample itself as it was.
     """
     _check(context_tokens, depth)
     if isinstance(num_distractors, bool) or not isinstance(num_distractors, int) or not 0 <= num_distractors <= 64:
@@ -147,9 +150,14 @@ def multikey_needle(tokenizer: TokenEncoder, context_tokens: int, depth: float, 
     needles = [(depth, f"The special magic number for {keys[0]} is {values[0]}.")]
     needles += [(rng.random(), f"The special magic number for {k} is {v}.") for k, v in zip(keys[1:], values[1:])]
     head = "Some special magic numbers are hidden within the following text. Make sure to memorize it. I will quiz you about the numbers afterwards.\n"
-    question = f"\nWhat is the special magic number for {keys[0]}? The special magic number for {keys[0]} is"
+    question = _ask_magic(keys[0])
     prompt, n = _fill(tokenizer, context_tokens, lambda f: head + _insert(f, needles) + question)
-    return RetrievalSample("multikey", prompt, question, f" {values[0]}.", (values[0],), n, depth)
+    followups = tuple(f"{_ask_magic(keys[i])} {values[i]}." for i in rng.sample(range(1, len(keys)), len(keys) - 1))
+    return RetrievalSample("multikey", prompt, question, f" {values[0]}.", (values[0],), n, depth, followups)
+
+
+def _ask_magic(key: str) -> str:
+    return f"\nWhat is the special magic number for {key}? The special magic number for {key} is"
 
 
 def variable_tracking(tokenizer: TokenEncoder, context_tokens: int, depth: float, seed: int, num_hops: int = 4) -> RetrievalSample:

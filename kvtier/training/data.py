@@ -59,6 +59,7 @@ class RetrievalMix:
     multikey: float = 0.45
     vartrack: float = 0.20
     min_tokens: int = 128  # the shortest passkey document is ~100 tokens; short documents give many answers per row
+    followups: bool = False  # multi-key documents go on to ask about their other needles, as many as the row holds
 
     def __post_init__(self) -> None:
         for name in ("retrieval_fraction", "copy_fraction", "passkey", "multikey", "vartrack"):
@@ -88,7 +89,12 @@ class BatchMaker:
         seed, depth = rng.randrange(1 << 62), rng.random()
         budget = length - 16  # room for the completion and </s>
         sample = self._fitting_sample(task, budget, depth, seed, rng.randint(*MULTIKEY_DISTRACTORS if task == "multikey" else VARTRACK_HOPS))
-        return self.ids.encode(sample.prompt + sample.completion)[:max_tokens - 1] + [EOS_ID]
+        asked = len(sample.followups) if mix.followups else 0
+        ids = self.ids.encode(sample.prompt + sample.completion + "".join(sample.followups[:asked]))
+        while asked and len(ids) > max_tokens - 1:  # drop follow-ups the row has no room for
+            asked -= 1
+            ids = self.ids.encode(sample.prompt + sample.completion + "".join(sample.followups[:asked]))
+        return ids[:max_tokens - 1] + [EOS_ID]
 
     def _fitting_sample(self, task: str, budget: int, depth: float, seed: int, count: int) -> RetrievalSample:
         """The task's sample with ``count`` distractors (or hops) cut down until it fits ``budget``; a passkey if none does."""

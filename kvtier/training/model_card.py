@@ -100,7 +100,12 @@ def _stage_mixes(training: dict) -> str:
     return "".join(f"""
 - the {s['seq_len']}-token stage draws its own mix: {100 * m['retrieval_fraction']:.0f}% retrieval rows (passkey {100 * m['passkey']:.0f}%,
   multi-key {100 * m['multikey']:.0f}%, variable tracking {100 * m['vartrack']:.0f}% of documents), documents from {m['min_tokens']} tokens,
-  {100 * m['copy_fraction']:.0f}% copy rows;""" for s in training["stages"] if (m := s.get("mix")))
+  {100 * m['copy_fraction']:.0f}% copy rows{_followups(m)};""" for s in training["stages"] if (m := s.get("mix")))
+
+
+def _followups(mix: dict) -> str:
+    """The clause for a mix whose multi-key documents go on to ask about their distractors."""
+    return " (multi-key documents then ask about every distractor too, as many as the row holds)" if mix.get("followups") else ""
 
 
 def _attention_layers(config: dict) -> list[int]:
@@ -171,7 +176,7 @@ excluded), split by file into train and validation with seed 0. Training rows (e
 - {100 * mix['retrieval_fraction']:.0f}% are packed with generated retrieval documents from `kvtier.eval.retrieval`
   (passkey {100 * mix['passkey']:.0f}%, multi-key needle {100 * mix['multikey']:.0f}% with {MULTIKEY_DISTRACTORS[0]}-{MULTIKEY_DISTRACTORS[1]} distractors, variable tracking {100 * mix['vartrack']:.0f}%
   with {VARTRACK_HOPS[0]}-{VARTRACK_HOPS[1]} hops; fewer needles where a short document cannot hold them), their lengths drawn
-  log-uniformly from {mix['min_tokens']} tokens up to the rest of the row;
+  log-uniformly from {mix['min_tokens']} tokens up to the rest of the row{_followups(mix)};
 - {100 * mix['copy_fraction']:.0f}% are copy rows: a segment of {COPY_SEGMENT[0]}-{COPY_SEGMENT[1]} random tokens repeated after stretches of
   code, which only an induction head (find the earlier copy, read on) can predict;{_stage_mixes(training)}
 - the rest, and the tails the documents leave, are windows of the tokenized stdlib.

@@ -59,6 +59,8 @@ def test_multikey_hides_one_value_per_key_and_asks_for_the_first(tok):
     assert s.is_correct(s.completion)
     wrong = next(v for k, v in found if k != asked)
     assert not s.is_correct(f" {wrong}.")
+    followups = [re.fullmatch(r"\nWhat is the special magic number for (\S+)\? The special magic number for \1 is (\d{7})\.", f).groups() for f in s.followups]
+    assert sorted(followups) == sorted((k, v) for k, v in found if k != asked)  # every distractor asked once, with its value
 
 
 def test_variable_tracking_chain_is_ordered_and_complete(tok):

@@ -17,14 +17,15 @@ from kvtier.training.recipes import KVTIER_TINY, KVTIER_TINY_HYBRID
 
 TOKENIZER = Path(__file__).resolve().parents[2] / "kvtier" / "embedded" / "kvtier-tiny" / "tokenizer.json"
 NEEDLE = re.compile(r"The special magic number for (\S+) is (\d+)\.")
-QUESTION = re.compile(r"What is the special magic number for (\S+)\? The special magic number for \1 is (\d+)\.$")
+QUESTION = re.compile(r"\nWhat is the special magic number for (\S+)\? The special magic number for \1 is (\d+)\.")
 
 
-def _documents(min_tokens: int, rows: int = 6, seq_len: int = 1024) -> list[list[int]]:
+def _documents(min_tokens: int, rows: int = 6, seq_len: int = 1024, followups: bool = False) -> list[list[int]]:
     """The EOS-terminated documents of ``rows`` rows drawn from a multi-key-only mix."""
     tok = Tokenizer.from_file(str(TOKENIZER))
     maker = BatchMaker(tok, np.arange(3, 4000, dtype=np.int32), seed=5)
-    mix = RetrievalMix(retrieval_fraction=1.0, copy_fraction=0.0, passkey=0.0, multikey=1.0, vartrack=0.0, min_tokens=min_tokens)
+    mix = RetrievalMix(retrieval_fraction=1.0, copy_fraction=0.0, passkey=0.0, multikey=1.0, vartrack=0.0, min_tokens=min_tokens,
+                       followups=followups)
     docs = []
     for _ in range(rows):
         row = maker.row(seq_len, mix)
@@ -34,16 +35,22 @@ def _documents(min_tokens: int, rows: int = 6, seq_len: int = 1024) -> list[list
     return docs
 
 
-@pytest.mark.parametrize("min_tokens", [128, 400])
-def test_every_document_answers_its_own_question_with_the_hidden_value(min_tokens):
+@pytest.mark.parametrize("min_tokens, followups", [(128, False), (400, False), (128, True)])
+def test_every_document_answers_its_questions_with_the_hidden_values(min_tokens, followups):
     tok = Tokenizer.from_file(str(TOKENIZER))
-    docs = _documents(min_tokens)
+    docs = _documents(min_tokens, followups=followups)
     assert docs
+    asked = 0
     for doc in docs:
         text = tok.decode(doc)
-        needles = dict(NEEDLE.findall(text[:text.rindex("What is")]))
-        key, answer = QUESTION.search(text).groups()
-        assert needles[key] == answer
+        haystack, _, tail = text.partition("\nWhat is")
+        needles = dict(NEEDLE.findall(haystack))
+        questions = QUESTION.findall("\nWhat is" + tail)
+        assert questions and "".join(f"\nWhat is the special magic number for {k}? The special magic number for {k} is {v}." for k, v in questions) == "\nWhat is" + tail
+        assert all(needles[key] == answer for key, answer in questions)
+        assert len({key for key, _ in questions}) == len(questions) <= len(needles)
+        asked += len(questions)
+    assert (asked > len(docs)) == followups  # follow-ups ask about the distractors too
 
 
 def test_a_higher_min_tokens_gives_fewer_longer_documents():
