@@ -69,6 +69,8 @@ class RetrievalMix:
             raise InvalidArgumentError("retrieval_fraction", f"plus copy_fraction must be at most 1, got {self.retrieval_fraction} + {self.copy_fraction}")
         if self.passkey + self.multikey + self.vartrack <= 0.0:
             raise InvalidArgumentError("passkey", "passkey, multikey and vartrack weights must not all be 0")
+        if not isinstance(self.followups, bool):
+            raise InvalidArgumentError("followups", f"must be True or False, got {self.followups!r}")
         if self.min_tokens < MIN_DOCUMENT_TOKENS:
             raise InvalidArgumentError("min_tokens", f"must be at least {MIN_DOCUMENT_TOKENS} (a passkey document's own text), got {self.min_tokens}")
 

@@ -67,7 +67,8 @@ def test_the_last_stage_of_kvtier_tiny_draws_its_own_mix_and_the_hybrid_keeps_th
     assert all(KVTIER_TINY_HYBRID.mix_at(step, steps) == KVTIER_TINY_HYBRID.mix for step in range(0, steps, 97))
 
 
-@pytest.mark.parametrize("field, value", [("retrieval_fraction", 1.5), ("copy_fraction", -0.1), ("multikey", 2.0), ("min_tokens", 64)])
+@pytest.mark.parametrize("field, value", [("retrieval_fraction", 1.5), ("copy_fraction", -0.1), ("multikey", 2.0), ("min_tokens", 64),
+                                          ("followups", "yes")])
 def test_a_mix_out_of_range_is_refused_naming_the_field(field, value):
     with pytest.raises(InvalidArgumentError, match=field):
         RetrievalMix(**{field: value})
