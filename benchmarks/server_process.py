@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import IO
 
 import httpx2 as httpx
 
@@ -21,14 +22,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, *flags: str, wait_s: float = 120.0) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, *flags: str, wait_s: float = 120.0, log: IO[str] | None = None) -> tuple[subprocess.Popen, str]:
     """``kvtier serve --model MODEL --port FREE FLAGS...``; returns the process and its base URL once /health answers.
 
-    The server's output goes to a temporary file, not a pipe: nobody reads a pipe during a long run,
-    and a full one would block the server.
+    The server's output goes to ``log`` (a temporary file by default), not a pipe: nobody reads a
+    pipe during a long run, and a full one would block the server.
     """
     port = free_port()
-    log = tempfile.TemporaryFile("w+")
+    log = log or tempfile.TemporaryFile("w+")
     proc = subprocess.Popen([sys.executable, "-m", "kvtier.entrypoints.cli", "serve", "--model", model, "--port", str(port), *flags],
                             stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"

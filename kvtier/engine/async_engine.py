@@ -2,17 +2,17 @@
 
 The ``LLMEngine`` is not thread-safe, so only the engine thread touches it after start-up: callers
 validate their request first (cheap, read-only), then hand adds and aborts to that thread through a
-queue; outputs come back through each request's ``asyncio.Queue``. A request whose caller goes away
-is aborted at the next step, which frees its blocks.
+queue; outputs come back through each ``RequestStream``'s ``asyncio.Queue``. A request whose caller
+goes away is aborted at the next step, which frees its blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
 
 from kvtier.engine.llm_engine import LLMEngine, PromptInput
 from kvtier.engine.metrics import engine_metrics
@@ -20,9 +20,47 @@ from kvtier.errors import KvtierError
 from kvtier.outputs import RequestOutput
 from kvtier.sampling_params import SamplingParams
 
+logger = logging.getLogger(__name__)
+
 
 class EngineOverloadedError(KvtierError):
     """The waiting queue is full (``max_queue_len``); the client should retry later."""
+
+
+class RequestStream:
+    """The outputs of a group of requests (one per prompt) as ``(prompt index, output)``, in the order they come.
+
+    A plain async iterator fed by one queue, not an async generator: closing it is synchronous and
+    safe from any task, so a client that goes away cannot race a consumer still inside it.
+    """
+
+    def __init__(self, engine: AsyncLLMEngine, request_ids: list[str]) -> None:
+        self.engine = engine
+        self.request_ids = request_ids
+        self.unfinished = set(request_ids)
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.closed = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> tuple[int, RequestOutput]:
+        if not self.unfinished or self.closed:
+            raise StopAsyncIteration
+        i, out = await self.queue.get()
+        if isinstance(out, BaseException):
+            self.close()
+            raise out
+        if out.finished:
+            self.unfinished.discard(self.request_ids[i])
+        return i, out
+
+    def close(self) -> list[str]:
+        """Abort what has not finished (at the engine's next step); return those request ids. Idempotent."""
+        if self.closed:
+            return []
+        self.closed = True
+        return self.engine.release(self)
 
 
 class AsyncLLMEngine:
@@ -30,7 +68,7 @@ class AsyncLLMEngine:
         self.engine = engine
         self.max_queue_len = max_queue_len
         self._ops: queue.Queue = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, int]] = {}
         self._ids = itertools.count()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -44,31 +82,38 @@ class AsyncLLMEngine:
         self.engine.check_params(params)
         return self.engine.tokenize_prompt(prompt)[1]
 
-    async def generate(self, prompt: PromptInput, params: SamplingParams, request_id: str | None = None, stream: bool = True) -> AsyncIterator[RequestOutput]:
-        """Yield the request's output after every step that moved it; the last one has ``finished``."""
-        self.validate(prompt, params)
-        if self.max_queue_len is not None and self._metrics["num_requests_waiting"] + self._ops.qsize() >= self.max_queue_len:
+    def submit(self, prompts: list[PromptInput], params: SamplingParams, request_ids: list[str] | None = None, stream: bool = True) -> RequestStream:
+        """Queue one request per prompt and return their outputs' stream; bad input or a full queue raises first, queuing nothing."""
+        for p in prompts:
+            self.validate(p, params)
+        if self.max_queue_len is not None and self._metrics["num_requests_waiting"] + self._ops.qsize() + len(prompts) > self.max_queue_len:
             raise EngineOverloadedError(f"max_queue_len: {self.max_queue_len} requests are already waiting")
-        rid = request_id or f"req-{next(self._ids)}"
-        outputs: asyncio.Queue = asyncio.Queue()
-        self._streams[rid] = (asyncio.get_running_loop(), outputs)
-        self._submit(("add", rid, prompt, params, stream))
-        finished = False
-        try:
-            while not finished:
-                out = await outputs.get()
-                if isinstance(out, BaseException):
-                    raise out
-                finished = out.finished
-                yield out
-        finally:
+        rids = request_ids or [f"req-{next(self._ids)}" for _ in prompts]
+        out = RequestStream(self, rids)
+        loop = asyncio.get_running_loop()
+        for i, (rid, p) in enumerate(zip(rids, prompts)):
+            self._streams[rid] = (loop, out.queue, i)
+            self._submit(("add", rid, p, params, stream))
+        return out
+
+    def release(self, stream: RequestStream) -> list[str]:
+        """Stop delivering to ``stream`` and abort its unfinished requests at the next step; return their ids."""
+        for rid in stream.request_ids:
             self._streams.pop(rid, None)
-            if not finished:
-                self._submit(("abort", rid))
+        aborted = sorted(stream.unfinished)
+        for rid in aborted:
+            self._submit(("abort", rid))
+        if aborted:
+            logger.debug("aborted %s: its caller went away", ", ".join(aborted))
+        return aborted
 
     def metrics(self) -> dict[str, float]:
         """The engine's counters as of its last step (read without touching the engine)."""
         return dict(self._metrics)
+
+    def abort_all(self) -> None:
+        """End every request at the next step; each stream gets a last output with ``finish_reason`` "abort"."""
+        self._submit(("abort_all",))
 
     def shutdown(self, timeout: float = 5.0) -> None:
         self._stop.set()
@@ -83,8 +128,8 @@ class AsyncLLMEngine:
     def _deliver(self, rid: str, item: RequestOutput | BaseException) -> None:
         target = self._streams.get(rid)
         if target is not None:
-            loop, q = target
-            loop.call_soon_threadsafe(q.put_nowait, item)
+            loop, q, index = target
+            loop.call_soon_threadsafe(q.put_nowait, (index, item))
 
     def _apply_ops(self) -> None:
         while True:
@@ -98,8 +143,11 @@ class AsyncLLMEngine:
                     self.engine.add_request(prompt, params, rid, stream=stream)
                 except Exception as e:  # validated already; anything here goes back to its caller only
                     self._deliver(rid, e)
-            else:
+            elif op[0] == "abort":
                 self.engine.abort_request(op[1])
+            else:
+                for rid in list(self.engine.requests):
+                    self._deliver(rid, self.engine.abort_request(rid))
 
     def _run(self) -> None:
         while not self._stop.is_set():

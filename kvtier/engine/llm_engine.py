@@ -107,6 +107,10 @@ class LLMEngine:
     def check_params(self, params: SamplingParams | BeamSearchParams) -> None:
         if not isinstance(params, (SamplingParams, BeamSearchParams)):
             raise InvalidArgumentError("sampling_params", f"must be SamplingParams or BeamSearchParams, got {type(params).__name__}")
+        width = ("beam_width", params.beam_width) if isinstance(params, BeamSearchParams) else ("best_of", params.best_of) if params.best_of else ("n", params.n)
+        if width[1] > self.kv.pool.num_blocks:
+            raise InvalidArgumentError(width[0], f"must be <= {self.kv.pool.num_blocks}, the KV cache's blocks (a request's sequences run together, "
+                                                 f"each on blocks of its own), got {width[1]}")
         if isinstance(params, SamplingParams):
             for name in ("logprobs", "prompt_logprobs"):
                 value = getattr(params, name)
@@ -139,10 +143,11 @@ class LLMEngine:
     def _generator(self, seed: int, index: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed + 1_000_003 * index)
 
-    def abort_request(self, request_id: str) -> None:
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request and free its blocks; return its final output (``finish_reason`` "abort"), or None if unknown."""
         req = self.requests.pop(request_id, None)
         if req is None:
-            return
+            return None
         self.scheduler.remove(req)
         for s in req.seqs:
             if not s.finished:
@@ -150,6 +155,7 @@ class LLMEngine:
             self.kv.free(s.seq_id)
         req.status = RequestStatus.FINISHED
         self.counters["requests_aborted"] += 1
+        return self.output.make_output(req)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()

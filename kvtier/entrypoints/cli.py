@@ -10,9 +10,11 @@ import sys
 from collections.abc import Sequence
 
 from kvtier.config import EngineArgs
+from kvtier.entrypoints.openai.metrics import METRIC_NAMES
 from kvtier.errors import InvalidArgumentError, KvtierError
 from kvtier.training.train_tiny import add_train_tiny_args, run_train_tiny
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical", "trace")  # vLLM's --uvicorn-log-level choices
 _FLAG_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}
 
 
@@ -115,8 +117,33 @@ def cmd_info(ns: argparse.Namespace) -> int:
         },
         "kv_cache": {k: v for k, v in engine_metrics(engine).items() if k.startswith("kv_")},
     }
-    print(json.dumps(info, indent=2))
+    print(json.dumps(info, indent=2) if ns.json else info_summary(ns.model, info))
     return 0
+
+
+def _size(n: float) -> str:
+    """Bytes in binary units, as a person reads them."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def info_summary(model: str, info: dict) -> str:
+    """``kvtier info`` for a person: the model, then where the KV memory goes."""
+    plan, kv = info["memory_plan"], info["kv_cache"]
+    rows = [
+        ("model", model),
+        ("architecture", f"{info['architecture']}, {info['parameters'] / 1e6:.2f} M parameters, {info['dtype']} on {info['device']}"),
+        ("attention", f"{info['layers']} layers, {info['heads']} heads, {info['kv_heads']} KV heads of dimension {info['head_dim']}"),
+        ("context", f"{info['max_model_len']} tokens"),
+        ("KV per token", f"{_size(plan['kv_bytes_per_token'])} ({_size(plan['bytes_per_block'])} per block of {plan['block_size']} tokens)"),
+        ("KV budget", f"{_size(plan['kv_budget_bytes'])}: {plan['num_blocks']} blocks, {plan['max_cached_tokens']} tokens"),
+        ("swap space", f"{plan['num_host_blocks']} host blocks"),
+        ("blocks now", f"{kv['kv_blocks_free']} free, {kv['kv_blocks_cached']} cached, {kv['kv_blocks_used']} used"),
+    ]
+    return "\n".join(f"{label:<15}{value}" for label, value in rows) + "\n(--json prints all of this as JSON)"
 
 
 def cmd_make_checkpoint(ns: argparse.Namespace) -> int:
@@ -142,7 +169,10 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     if not 0 < ns.port < 65536:
         raise InvalidArgumentError("port", f"must be in [1, 65535], got {ns.port}")
     args = EngineArgs(model=ns.model, **engine_kwargs(ns))
-    run_server(args, ns.host, ns.port, ns.served_model_name or ns.model, ns.api_key, ns.max_queue_len, ns.shutdown_timeout)
+    if ns.shutdown_timeout < 0:
+        raise InvalidArgumentError("shutdown_timeout", f"must be >= 0 s, got {ns.shutdown_timeout}")
+    run_server(args, ns.host, ns.port, ns.served_model_name or ns.model, ns.api_key, ns.max_queue_len, ns.shutdown_timeout,
+               ns.uvicorn_log_level, ns.enable_log_requests, ns.metric_names)
     return 0
 
 
@@ -166,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_flags(chat)
     chat.set_defaults(func=cmd_chat)
     info = sub.add_parser("info", help="architecture, parameters, KV bytes per token and the memory plan")
+    info.add_argument("--json", action="store_true", help="print the whole report as JSON")
     add_engine_flags(info)
     info.set_defaults(func=cmd_info)
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
@@ -175,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     serve.add_argument("--max-queue-len", type=int, default=None, help="answer 503 when this many requests already wait")
     serve.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds in-flight requests get after SIGTERM")
+    serve.add_argument("--enable-log-requests", action=argparse.BooleanOptionalAction, default=False,
+                       help="log each request's arrival and end, and uvicorn's access line, at INFO (off by default, as in vLLM)")
+    serve.add_argument("--uvicorn-log-level", choices=LOG_LEVELS, default="info", help="log level of uvicorn and of kvtier's server log")
+    serve.add_argument("--metric-names", choices=METRIC_NAMES, default="both",
+                       help="Prometheus names at /metrics: kvtier's, vLLM's (vllm: prefix, model_name and engine labels, so vLLM dashboards work), or both")
     add_engine_flags(serve)
     serve.set_defaults(func=cmd_serve)
     mk = sub.add_parser("make-checkpoint", help="write a random-weight Llama HF checkpoint folder")

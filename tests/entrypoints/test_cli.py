@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -32,7 +33,7 @@ def test_generate_prints_one_json_line_per_completion(model_dir):
 
 
 def test_info_reports_the_memory_plan(model_dir):
-    r = kvtier("info", "--model", str(model_dir), "--kv-cache-memory", str(1 << 20), "--block-size", "16")
+    r = kvtier("info", "--model", str(model_dir), "--kv-cache-memory", str(1 << 20), "--block-size", "16", "--json")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     per_token = 2 * 2 * 2 * 16 * 4  # K+V, layers, kv heads, head_dim, fp32
@@ -55,3 +56,24 @@ def test_chat_reads_turns_from_stdin(model_dir):
     r = kvtier("chat", "--model", str(model_dir), "--max-tokens", "3", "--kv-cache-memory", str(1 << 22), stdin="hello\nhow are you\n")
     assert r.returncode == 0, r.stderr
     assert len([line for line in r.stdout.splitlines() if line.startswith("> ")]) >= 2
+
+
+def test_info_reads_as_a_summary_by_default(model_dir):
+    r = kvtier("info", "--model", str(model_dir), "--kv-cache-memory", str(1 << 20), "--block-size", "16")
+    assert r.returncode == 0, r.stderr
+    per_token = 2 * 2 * 2 * 16 * 4  # K+V, layers, kv heads, head_dim, fp32
+    blocks = (1 << 20) // (per_token * 16)
+    rows = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in r.stdout.splitlines() if not line.startswith("("))
+    assert rows["architecture"].startswith("LlamaForCausalLM")
+    assert rows["KV budget"] == f"1.0 MiB: {blocks} blocks, {blocks * 16} tokens"
+    assert per_token == 512 and rows["KV per token"] == "512 B (8.0 KiB per block of 16 tokens)"
+    assert rows["blocks now"] == f"{blocks} free, 0 cached, 0 used"
+
+
+def test_python_dash_m_kvtier_is_the_kvtier_command(model_dir):
+    args = ["generate", "--model", str(model_dir), "--prompt", "def f(x):", "--max-tokens", "4", "--kv-cache-memory", str(1 << 22)]
+    via_module = subprocess.run([sys.executable, "-m", "kvtier", *args], capture_output=True, text=True, timeout=300)
+    assert via_module.returncode == 0, via_module.stderr
+    assert via_module.stdout == kvtier(*args).stdout
+    bad = subprocess.run([sys.executable, "-m", "kvtier", "generate", "--model", str(model_dir), "--top-p", "2"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "top_p" in bad.stderr

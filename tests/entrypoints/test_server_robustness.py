@@ -126,36 +126,3 @@ def test_full_queue_answers_503_and_serves_the_rest(tmp_path):
         assert rejected["type"] == "server_overloaded" and "max_queue_len" in rejected["message"]
     finally:
         assert stop(proc) == 0
-
-
-def test_sigterm_with_a_stream_in_flight_exits_0_within_the_timeout(tmp_path):
-    import signal
-    import threading
-    import time
-
-    from kvtier.models.checkpoint_builder import build_random_checkpoint
-
-    model = build_random_checkpoint(tmp_path / "g", hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                    intermediate_size=64, vocab_size=2048, tokenizer_vocab_size=2048)
-    proc, url = start_server(str(model), "--shutdown-timeout", "2")
-    body = {"model": "tiny", "prompt": "x", "max_tokens": 4000, "temperature": 0, "ignore_eos": True, "stream": True}
-    got: list[str] = []
-
-    def reader() -> None:
-        try:
-            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
-                for line in r.iter_lines():
-                    got.append(line)
-        except httpx.HTTPError:
-            pass  # the server may cut the stream when its timeout runs out
-
-    t = threading.Thread(target=reader)
-    t.start()
-    while len(got) < 3:
-        time.sleep(0.05)
-    start = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 0
-    assert time.monotonic() - start < 2 + 10  # the timeout plus start-up slack on a loaded machine
-    t.join(30)
-    assert not t.is_alive() and len(got) >= 3

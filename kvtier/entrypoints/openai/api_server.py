@@ -8,25 +8,36 @@ when the waiting queue is over ``--max-queue-len``. Bad input never yields a 500
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from types import FrameType
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 import kvtier
-from kvtier.engine.async_engine import AsyncLLMEngine, EngineOverloadedError
+from kvtier.engine.async_engine import AsyncLLMEngine, EngineOverloadedError, RequestStream
 from kvtier.entrypoints.openai import responses as R
 from kvtier.entrypoints.openai.metrics import ServerMetrics
 from kvtier.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from kvtier.errors import InvalidArgumentError
 from kvtier.outputs import RequestOutput
 from kvtier.sampling_params import SamplingParams
+
+
+logger = logging.getLogger(__name__)
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer; nobody reads it
 
 
 class APIError(Exception):
@@ -39,9 +50,29 @@ def error_response(status: int, message: str, type_: str, param: str | None = No
     return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": status}}, status_code=status)
 
 
-def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = None) -> FastAPI:
+class RequireAPIKey:
+    """401 on ``/v1`` routes without ``Authorization: Bearer KEY``. Plain ASGI, not ``BaseHTTPMiddleware``,
+    which wraps ``receive`` and can report a disconnect that has not happened to a streaming response."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1") and dict(scope["headers"]).get(b"authorization") != self.expected:
+            await error_response(401, "invalid API key", "authentication_error")(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def gone() -> Response:
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
+def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = None, log_requests: bool = False,
+              metric_names: str = "both") -> FastAPI:
+    """The app; ``log_requests`` logs each request's arrival and end at INFO (vLLM's ``--enable-log-requests``)."""
     registry = CollectorRegistry()
-    metrics = ServerMetrics(registry, engine, model_name)
+    metrics = ServerMetrics(registry, engine, model_name, metric_names)
     tok = engine.engine.tokenizer
 
     @asynccontextmanager
@@ -67,56 +98,92 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         return error_response(e.status_code, str(e.detail), kind)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1") and request.headers.get("authorization") != f"Bearer {api_key}":
-            return error_response(401, "invalid API key", "authentication_error")
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(RequireAPIKey, api_key=api_key)
 
     def check_model(name: str | None) -> None:
         if name is not None and name != model_name:
             raise APIError(404, f"model {name!r} does not exist; this server serves {model_name!r}", "not_found_error", "model")
 
-    async def first_output(stream: AsyncIterator[RequestOutput]) -> RequestOutput | None:
-        """Start a request; errors raised at submission (validation, overload) surface here as API errors."""
+    def bad_request(e: InvalidArgumentError) -> APIError:
+        return APIError(400, str(e), "invalid_request_error", e.field)
+
+    def start(rid: str, req: CompletionRequest | ChatCompletionRequest, prompts: list, params: SamplingParams) -> RequestStream:
+        """Validate every prompt (including its room in the context), then queue one request per prompt.
+
+        A bad or rejected request raises an ``APIError`` before anything is queued.
+        """
+        limit = engine.engine.max_model_len
+        for p in prompts:
+            try:
+                ids = engine.validate(p, params)
+            except InvalidArgumentError as e:
+                raise bad_request(e) from None
+            if params.max_tokens is not None and len(ids) + params.max_tokens > limit:
+                raise APIError(400, f"{req.max_tokens_field}: this model's maximum context length is {limit} tokens. However, you requested "
+                               f"{len(ids) + params.max_tokens} tokens ({len(ids)} in the prompt, {params.max_tokens} in the completion). "
+                               "Please reduce the length of the prompt or completion.", "invalid_request_error", req.max_tokens_field)
         try:
-            return await anext(stream)
-        except StopAsyncIteration:
-            return None
+            stream = engine.submit(prompts, params, [f"{rid}-{i}" for i in range(len(prompts))], req.stream)
         except InvalidArgumentError as e:
-            raise APIError(400, str(e), "invalid_request_error", e.field) from None
+            raise bad_request(e) from None
         except EngineOverloadedError as e:
             raise APIError(503, str(e), "server_overloaded") from None
+        if log_requests:
+            logger.info("Received request %s: prompts: %r, params: %s", rid, prompts, params)
+        return stream
 
-    async def start(prompts: list, params: SamplingParams, stream: bool) -> list[tuple[RequestOutput | None, AsyncIterator[RequestOutput]]]:
-        for p in prompts:  # validate all before starting any
-            try:
-                engine.validate(p, params)
-            except InvalidArgumentError as e:
-                raise APIError(400, str(e), "invalid_request_error", e.field) from None
-        streams = [engine.generate(p, params, stream=stream) for p in prompts]
-        firsts = []
+    def settle(rid: str, stream: RequestStream) -> None:
+        """The request group is over for its client: abort what has not finished, count it, log it. Idempotent."""
+        if stream.closed:
+            return
+        aborted = stream.close()
+        for request_id in aborted:
+            metrics.forget(request_id)
+        if log_requests:
+            logger.info("%s request %s", "Aborted" if aborted else "Finished", rid)
+
+    async def observed(rid: str, stream: RequestStream) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """The stream's outputs with their latencies observed; leaving early aborts what has not finished."""
         try:
-            for s in streams:
-                firsts.append(await first_output(s))
-        except APIError:
-            for s in streams:
-                await s.aclose()
-            raise
-        return list(zip(firsts, streams))
+            async for i, out in stream:
+                metrics.observe_output(out)
+                yield i, out
+        finally:
+            settle(rid, stream)
 
-    async def final(first: RequestOutput | None, stream: AsyncIterator[RequestOutput]) -> RequestOutput:
-        last = first
-        async for out in stream:
-            last = out
-        metrics.observe_finished(last)
-        return last
+    def streamed(rid: str, body: AsyncIterator[str], stream: RequestStream) -> StreamingResponse:
+        # the background task runs even when the client left before the body started, so nothing is left running
+        return StreamingResponse(body, media_type="text/event-stream", background=BackgroundTask(settle, rid, stream))
+
+    async def finals(rid: str, stream: RequestStream, count: int, raw: Request) -> list[RequestOutput] | None:
+        """Each prompt's finished output, or None when the client went away first (its requests are then aborted)."""
+
+        async def collect() -> list[RequestOutput]:
+            last: dict[int, RequestOutput] = {}
+            async for i, out in observed(rid, stream):
+                last[i] = out
+            return [last[i] for i in range(count)]
+
+        async def disconnected() -> None:
+            while (await raw.receive())["type"] != "http.disconnect":
+                pass
+
+        work, watch = asyncio.ensure_future(collect()), asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not work.done():
+                work.cancel()
+                settle(rid, stream)
+        return work.result() if work.done() and not work.cancelled() else None
 
     def sampling(req: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
         try:
             return req.to_sampling_params()
         except InvalidArgumentError as e:
-            raise APIError(400, str(e), "invalid_request_error", e.field) from None
+            raise bad_request(e) from None
 
     @app.get("/health")
     async def health():
@@ -143,7 +210,7 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
             try:
                 text = tok.apply_chat_template([m.model_dump() for m in req.messages], req.add_generation_prompt)
             except InvalidArgumentError as e:
-                raise APIError(400, str(e), "invalid_request_error", e.field) from None
+                raise bad_request(e) from None
             ids = tok.encode(text, add_special_tokens=False)
         else:
             ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
@@ -165,18 +232,18 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
         if not prompts:
             raise APIError(400, "prompt: must not be empty", "invalid_request_error", "prompt")
         rid = f"cmpl-{uuid.uuid4().hex}"
-        started = await start(prompts, params, req.stream)
+        stream = start(rid, req, prompts, params)
         if not req.stream:
-            outs = [await final(f, s) for f, s in started]
-            return R.completion_body(rid, model_name, tok, outs, req.n, req.echo)
-        return StreamingResponse(stream_completion(rid, req, params, started), media_type="text/event-stream")
+            outs = await finals(rid, stream, len(prompts), raw)
+            return gone() if outs is None else R.completion_body(rid, model_name, tok, outs, req.n, req.echo)
+        return streamed(rid, stream_completion(rid, req, params, stream), stream)
 
-    async def stream_completion(rid: str, req: CompletionRequest, params: SamplingParams, started) -> AsyncIterator[str]:
+    async def stream_completion(rid: str, req: CompletionRequest, params: SamplingParams, stream: RequestStream) -> AsyncIterator[str]:
         head = R.base("text_completion", rid, model_name)
         sent: dict[tuple[int, int], tuple[int, int, bool]] = {}
         echoed: set[tuple[int, int]] = set()
         prompt_tokens = completion_tokens = 0
-        async for i, out in merged(started):
+        async for i, out in observed(rid, stream):
             for c, delta, first_new in R.stream_deltas(out, sent, i, params.stop):
                 prefix = ""
                 if req.echo and first_new == 0 and (i, c.index) not in echoed:
@@ -192,62 +259,30 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
             yield R.sse({**head, "choices": [], "usage": R.usage(prompt_tokens, completion_tokens)})
         yield R.sse("[DONE]")
 
-    async def merged(started) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Outputs of several requests as they come, tagged with the prompt index."""
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(i: int, first: RequestOutput | None, stream: AsyncIterator[RequestOutput]) -> None:
-            try:
-                if first is not None:
-                    await queue.put((i, first))
-                async for out in stream:
-                    await queue.put((i, out))
-            finally:
-                await queue.put((i, None))
-
-        tasks = [asyncio.create_task(pump(i, f, s)) for i, (f, s) in enumerate(started)]
-        open_streams = len(tasks)
-        seen: set[str] = set()
-        try:
-            while open_streams:
-                i, out = await queue.get()
-                if out is None:
-                    open_streams -= 1
-                    continue
-                seen.add(out.request_id)
-                metrics.observe_output(out)
-                yield i, out
-        finally:
-            for t in tasks:
-                t.cancel()
-            for _, s in started:
-                await s.aclose()
-            for rid in seen:
-                metrics.forget(rid)
-
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatCompletionRequest):
+    async def chat(req: ChatCompletionRequest, raw: Request):
         check_model(req.model)
         params = sampling(req)
         try:
             text = tok.apply_chat_template([m.model_dump() for m in req.messages], req.add_generation_prompt)
         except InvalidArgumentError as e:
-            raise APIError(400, str(e), "invalid_request_error", e.field) from None
+            raise bad_request(e) from None
         prompt = {"prompt_token_ids": tok.encode(text, add_special_tokens=False), "prompt": text}
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        started = await start([prompt], params, req.stream)
+        stream = start(rid, req, [prompt], params)
         top = req.top_logprobs or 0
         if not req.stream:
-            return R.chat_body(rid, model_name, tok, await final(*started[0]), top)
-        return StreamingResponse(stream_chat(rid, req, params, started, top), media_type="text/event-stream")
+            outs = await finals(rid, stream, 1, raw)
+            return gone() if outs is None else R.chat_body(rid, model_name, tok, outs[0], top)
+        return streamed(rid, stream_chat(rid, req, params, stream, top), stream)
 
-    async def stream_chat(rid: str, req: ChatCompletionRequest, params: SamplingParams, started, top: int) -> AsyncIterator[str]:
+    async def stream_chat(rid: str, req: ChatCompletionRequest, params: SamplingParams, stream: RequestStream, top: int) -> AsyncIterator[str]:
         head = R.base("chat.completion.chunk", rid, model_name)
         for i in range(req.n):
             yield R.sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]})
         sent: dict[tuple[int, int], tuple[int, int, bool]] = {}
         last = None
-        async for _, out in merged(started):
+        async for _, out in observed(rid, stream):
             last = out
             for c, delta, first_new in R.stream_deltas(out, sent, 0, params.stop):
                 lp = R.chat_logprobs(tok, c, top, start=first_new) if c.logprobs is not None else None
@@ -261,16 +296,34 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
 
 
 
-def run_server(engine_args, host: str, port: int, model_name: str | None, api_key: str | None, max_queue_len: int | None, shutdown_timeout: float) -> None:
-    """Serve until SIGTERM/SIGINT; then stop accepting, let in-flight requests finish for ``shutdown_timeout`` s, abort the rest."""
-    import uvicorn
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server, plus the engine's side of a graceful shutdown: ``grace`` s after SIGTERM/SIGINT every
+    request still running is aborted, so its stream ends with ``finish_reason`` "abort" and its connection closes."""
 
+    def __init__(self, config: uvicorn.Config, engine: AsyncLLMEngine, grace: float) -> None:
+        super().__init__(config)
+        self.engine, self.grace = engine, grace
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.should_exit:
+            timer = threading.Timer(self.grace, self.engine.abort_all)
+            timer.daemon = True
+            timer.start()
+        super().handle_exit(sig, frame)
+
+
+def run_server(engine_args, host: str, port: int, model_name: str | None, api_key: str | None, max_queue_len: int | None, shutdown_timeout: float,
+               log_level: str = "info", log_requests: bool = False, metric_names: str = "both") -> None:
+    """Serve until SIGTERM/SIGINT; then stop accepting, let in-flight requests finish for ``shutdown_timeout`` s, abort the rest."""
     from kvtier.engine.llm_engine import LLMEngine
 
+    logging.basicConfig(format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    logging.getLogger("kvtier").setLevel("DEBUG" if log_level == "trace" else log_level.upper())
     engine = AsyncLLMEngine(LLMEngine(engine_args), max_queue_len)
-    app = build_app(engine, model_name or engine_args.model, api_key)
-    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler it found:
-    # make that a no-op so a requested shutdown exits 0
+    app = build_app(engine, model_name or engine_args.model, api_key, log_requests, metric_names)
+    # uvicorn re-raises the signal to the handler it found after shutting down: make that a no-op so a requested shutdown exits 0
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout)
+    # uvicorn's own deadline comes after the engine has aborted what was left, so it has nothing to cancel
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_requests, timeout_graceful_shutdown=shutdown_timeout + 5)
+    GracefulServer(config, engine, shutdown_timeout).run()

@@ -1,4 +1,11 @@
-"""Request bodies of the OpenAI-compatible API, as vLLM serves it (OpenAI's fields plus vLLM's extras)."""
+"""Request bodies of the OpenAI-compatible API, as vLLM serves it (OpenAI's fields plus vLLM's extras).
+
+What an absent or ``null`` length limit means, as in vLLM: ``/v1/completions`` generates 16 tokens
+when ``max_tokens`` is absent and runs to the end of the context (``max_model_len`` minus the
+prompt) when it is ``null``; ``/v1/chat/completions`` runs to the end of the context when neither
+``max_completion_tokens`` nor ``max_tokens`` is given (or both are ``null``). A limit that does not
+fit in the context after the prompt is refused with 400, naming the field that set it.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kvtier.errors import InvalidArgumentError
 from kvtier.sampling_params import SamplingParams
 
 
@@ -39,6 +47,21 @@ class _Sampling(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
+    @property
+    def max_tokens_field(self) -> str:
+        """The request field the length limit came from (named in errors)."""
+        return "max_tokens"
+
+    def renamed(self, field: str) -> str:
+        """This request's name for a ``SamplingParams`` field, so an error names what the client sent."""
+        return {"max_tokens": self.max_tokens_field}.get(field, field)
+
+    def to_sampling_params(self) -> SamplingParams:
+        try:
+            return self._sampling_params()
+        except InvalidArgumentError as e:
+            raise InvalidArgumentError(self.renamed(e.field), e.message) from None
+
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         return SamplingParams(
             n=self.n, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
@@ -64,7 +87,7 @@ class CompletionRequest(_Sampling):
             return [{"prompt_token_ids": list(p)}]
         return [x if isinstance(x, str) else {"prompt_token_ids": list(x)} for x in p]
 
-    def to_sampling_params(self) -> SamplingParams:
+    def _sampling_params(self) -> SamplingParams:
         return self.sampling_params(self.max_tokens, self.logprobs)
 
 
@@ -80,7 +103,16 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
 
-    def to_sampling_params(self) -> SamplingParams:
+    @property
+    def max_tokens_field(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    def renamed(self, field: str) -> str:
+        return {"max_tokens": self.max_tokens_field, "logprobs": "top_logprobs"}.get(field, field)
+
+    def _sampling_params(self) -> SamplingParams:
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidArgumentError("top_logprobs", "needs logprobs set to true")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         return self.sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
 
