@@ -6,8 +6,9 @@ copies it decides on (copy-on-write, swap) are queued as (src, dst) pairs for th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from kvtier.cache.block_pool import BlockPool, KVBlock
 from kvtier.cache.prefix_cache import BlockHashPrefixCache, PrefixCache
@@ -17,16 +18,40 @@ def blocks_needed(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
+MoveKind = Literal["copy", "swap_out", "swap_in"]  # device -> device (copy-on-write), device -> host, host -> device
+
+
 @dataclass
 class CacheOps:
-    """Physical block moves the worker must do before the next forward."""
+    """Physical block moves the worker must do before the next forward, in the order they were decided.
 
-    copies: list[tuple[int, int]] = field(default_factory=list)  # device -> device (copy-on-write)
-    swap_out: list[tuple[int, int]] = field(default_factory=list)  # device -> host
-    swap_in: list[tuple[int, int]] = field(default_factory=list)  # host -> device
+    The order matters: a block given up by one move (a sequence swapped out, a copy-on-write source)
+    may be the destination of a later one in the same step, so the worker replays them in order.
+    """
+
+    moves: list[tuple[MoveKind, int, int]] = field(default_factory=list)
+
+    def add(self, kind: MoveKind, src: int, dst: int) -> None:
+        self.moves.append((kind, src, dst))
 
     def __bool__(self) -> bool:
-        return bool(self.copies or self.swap_out or self.swap_in)
+        return bool(self.moves)
+
+    def runs(self) -> Iterator[tuple[MoveKind, list[tuple[int, int]]]]:
+        """The moves as batches the worker can do at once: consecutive moves of one kind, cut where a move
+        reads or writes a block that an earlier move of the batch writes (a batch reads everything first)."""
+        kind: MoveKind | None = None
+        pairs: list[tuple[int, int]] = []
+        written: set[int] = set()
+        for k, src, dst in self.moves:
+            if k != kind or src in written or dst in written:
+                if pairs:
+                    yield kind, pairs
+                kind, pairs, written = k, [], set()
+            pairs.append((src, dst))
+            written.add(dst)
+        if pairs:
+            yield kind, pairs
 
 
 class KVCacheManager:
@@ -63,28 +88,45 @@ class KVCacheManager:
         if self.prefix_cache is not None:
             self.prefix_cache.record(queried_tokens, hit_tokens)
 
-    def can_allocate(self, seq_id: int, num_total_tokens: int, prefix: Sequence[KVBlock] = (), reserve: int = 0) -> bool:
-        have = len(self.tables.get(seq_id, ())) or len(prefix)
-        need = blocks_needed(num_total_tokens, self.block_size) - have
-        # cached blocks we are about to reuse leave the evictable set, so they do not count as free
-        reused_free = sum(1 for b in prefix if b.ref_count == 0)
-        return need + self._cow_need(seq_id) <= self.pool.num_free - reused_free - reserve
+    def can_allocate(self, seq_id: int, num_total_tokens: int, reserve: int = 0) -> bool:
+        need = blocks_needed(num_total_tokens, self.block_size) - len(self.tables.get(seq_id, ()))
+        return need + self._cow_need(seq_id) <= self.pool.num_free - reserve
 
-    def allocate(self, seq_id: int, num_computed: int, num_total_tokens: int, prefix: Sequence[KVBlock] = ()) -> bool:
+    def allocate(self, seq_id: int, num_computed: int, num_total_tokens: int) -> bool:
         """Grow ``seq_id``'s table to hold ``num_total_tokens``; copy-on-write the block it will write into.
 
         Returns False (and changes nothing) when the pool cannot hold it.
         """
-        if not self.can_allocate(seq_id, num_total_tokens, prefix):
+        if not self.can_allocate(seq_id, num_total_tokens):
             return False
         table = self.tables.setdefault(seq_id, [])
-        if not table:
-            for block in prefix:
-                self.pool.acquire(block)
-            table.extend(prefix)
         self._copy_on_write(table, num_computed)
         while len(table) < blocks_needed(num_total_tokens, self.block_size):
             table.append(self.pool.allocate())
+        return True
+
+    def admit(self, wanted: Sequence[tuple[int, int, Sequence[KVBlock]]], reserve: int = 0) -> bool:
+        """Give new sequences ``(seq_id, tokens to hold, cached prefix blocks)`` their tables, all or none.
+
+        Every reused prefix block is pinned before any new block is taken: a new block may come from
+        the LRU of cached blocks, and must not be one that another sequence of the group reuses.
+        """
+        if any(seq_id in self.tables for seq_id, _, _ in wanted):
+            raise RuntimeError("admit is for sequences without a block table")
+        reused = {id(b): b for _, _, prefix in wanted for b in prefix}
+        # cached blocks about to be reused leave the evictable set, so they do not count as free
+        reused_free = sum(1 for b in reused.values() if b.ref_count == 0)
+        need = sum(max(0, blocks_needed(total, self.block_size) - len(prefix)) for _, total, prefix in wanted)
+        if need > self.pool.num_free - reused_free - reserve:
+            return False
+        for seq_id, _, prefix in wanted:
+            for block in prefix:
+                self.pool.acquire(block)
+            self.tables[seq_id] = list(prefix)
+        for seq_id, total, _ in wanted:
+            table = self.tables[seq_id]
+            while len(table) < blocks_needed(total, self.block_size):
+                table.append(self.pool.allocate())
         return True
 
     def _cow_need(self, seq_id: int) -> int:
@@ -97,7 +139,7 @@ class KVCacheManager:
         if num_computed % self.block_size and idx < len(table) and table[idx].ref_count > 1:
             src = table[idx]
             dst = self.pool.allocate()
-            self.ops.copies.append((src.block_id, dst.block_id))
+            self.ops.add("copy", src.block_id, dst.block_id)
             self.pool.release(src)
             table[idx] = dst
 
@@ -130,7 +172,7 @@ class KVCacheManager:
 
     def swap_out(self, seq_ids: Sequence[int]) -> None:
         """Move the sequences' blocks to host memory, keeping sharing among them."""
-        _move_tables(seq_ids, self.tables, self.pool, self.host_tables, self.host_pool, self.ops.swap_out)
+        _move_tables(seq_ids, self.tables, self.pool, self.host_tables, self.host_pool, self.ops, "swap_out")
         if self.prefix_cache is not None:
             for sid in seq_ids:
                 self.prefix_cache.drop_sequence(sid)
@@ -139,7 +181,7 @@ class KVCacheManager:
         return len(self._distinct([self.host_tables[s] for s in seq_ids])) <= self.pool.num_free - reserve
 
     def swap_in(self, seq_ids: Sequence[int]) -> None:
-        _move_tables(seq_ids, self.host_tables, self.host_pool, self.tables, self.pool, self.ops.swap_in)
+        _move_tables(seq_ids, self.host_tables, self.host_pool, self.tables, self.pool, self.ops, "swap_in")
 
     def take_ops(self) -> CacheOps:
         ops, self.ops = self.ops, CacheOps()
@@ -152,7 +194,8 @@ def _move_tables(
     src_pool: BlockPool,
     dst_tables: dict[int, list[KVBlock]],
     dst_pool: BlockPool,
-    copies: list[tuple[int, int]],
+    ops: CacheOps,
+    kind: MoveKind,
 ) -> None:
     """Re-home the sequences' tables in ``dst_pool``; a block shared among them gets one copy, still shared."""
     mapping: dict[int, KVBlock] = {}
@@ -162,7 +205,7 @@ def _move_tables(
             moved = mapping.get(id(block))
             if moved is None:
                 moved = mapping[id(block)] = dst_pool.allocate()
-                copies.append((block.block_id, moved.block_id))
+                ops.add(kind, block.block_id, moved.block_id)
             else:
                 dst_pool.acquire(moved)
             table.append(moved)

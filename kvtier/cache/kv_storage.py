@@ -56,7 +56,7 @@ class KVStorage:
         dst[:, :, :, d] = src[:, :, :, s].to(dst.device)
 
     def apply(self, ops: CacheOps) -> None:
-        """Swap out first (freed blocks may be rewritten this step), then swap in, then copy-on-write."""
-        self._move(self.device_kv, self.host_kv, ops.swap_out)
-        self._move(self.host_kv, self.device_kv, ops.swap_in)
-        self._move(self.device_kv, self.device_kv, ops.copies)
+        """Do the moves in the order they were decided, one batch per run (see ``CacheOps.runs``)."""
+        spaces = {"copy": (self.device_kv, self.device_kv), "swap_out": (self.device_kv, self.host_kv), "swap_in": (self.host_kv, self.device_kv)}
+        for kind, pairs in ops.runs():
+            self._move(*spaces[kind], pairs)

@@ -176,17 +176,6 @@ class Scheduler:
 
     def _admit_blocks(self, req: Request, plan: list[tuple[Sequence, int]], prefixes: dict) -> bool:
         """Allocate every planned sequence (keeping the watermark free) or none."""
-        done = []
         planned = dict((s.seq_id, n) for s, n in plan)
-        for s in req.live_seqs:
-            n = planned.get(s.seq_id, 0)
-            prefix = prefixes.get(s.seq_id, ())
-            total = s.num_computed_tokens + n
-            reserve = self.watermark if self.running else 0
-            if not self.kv.can_allocate(s.seq_id, total, prefix, reserve=reserve):
-                for d in done:
-                    self.kv.free(d)
-                return False
-            self.kv.allocate(s.seq_id, s.num_computed_tokens, total, prefix)
-            done.append(s.seq_id)
-        return True
+        wanted = [(s.seq_id, s.num_computed_tokens + planned.get(s.seq_id, 0), prefixes.get(s.seq_id, ())) for s in req.live_seqs]
+        return self.kv.admit(wanted, reserve=self.watermark if self.running else 0)

@@ -29,7 +29,8 @@ class KVCacheMachine(RuleBasedStateMachine):
 
     # ---- helpers mirroring the worker ----------------------------------------------------------
     def _apply_ops(self) -> None:
-        for src, dst in self.kv.take_ops().copies:
+        for kind, src, dst in self.kv.take_ops().moves:
+            assert kind == "copy"  # this machine never swaps
             for off in range(BLOCK):
                 if (src, off) in self.slots:
                     self.slots[(dst, off)] = self.slots[(src, off)]
@@ -50,24 +51,30 @@ class KVCacheMachine(RuleBasedStateMachine):
         return True
 
     # ---- rules ----------------------------------------------------------------------------------
-    @rule(prompt=st.lists(st.integers(0, 3), min_size=1, max_size=14))
-    def add_sequence(self, prompt: list[int]) -> None:
-        sid = self.next_id
-        self.next_id += 1
-        prefix = self.kv.computed_prefix(prompt)
-        done = len(prefix) * BLOCK
-        if not self.kv.allocate(sid, done, len(prompt), prefix):
+    @rule(prompts=st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=14), min_size=1, max_size=3))
+    def add_sequences(self, prompts: list[list[int]]) -> None:
+        """Admit one to three new sequences at once (a recomputed n > 1 request), each reusing its cached prefix."""
+        sids = list(range(self.next_id, self.next_id + len(prompts)))
+        self.next_id += len(prompts)
+        prefixes = [self.kv.computed_prefix(p) for p in prompts]
+        before = self.kv.num_free_blocks
+        if not self.kv.admit([(sid, len(p), prefix) for sid, p, prefix in zip(sids, prompts, prefixes)]):
+            assert self.kv.num_free_blocks == before and not any(sid in self.kv.tables for sid in sids), "a failed admission must change nothing"
             return
         self._apply_ops()
-        # a prefix hit must hold exactly the prompt's leading tokens
-        table = self.kv.block_ids(sid)
-        for i in range(done):
-            assert self.slots[(table[i // BLOCK], i % BLOCK)] == prompt[i]
-        self.seqs[sid] = list(prompt[:done])
-        for i in range(done, len(prompt)):
-            self.slots[(table[i // BLOCK], i % BLOCK)] = prompt[i]
-        self.seqs[sid] = list(prompt)
-        self.kv.cache_computed(sid, prompt, len(prompt))
+        for sid, prompt, prefix in zip(sids, prompts, prefixes):
+            # a prefix hit must hold exactly the prompt's leading tokens, even after the group's other allocations
+            done = len(prefix) * BLOCK
+            table = self.kv.block_ids(sid)
+            for i in range(done):
+                assert self.slots[(table[i // BLOCK], i % BLOCK)] == prompt[i]
+            self.seqs[sid] = list(prompt[:done])
+        for sid, prompt, prefix in zip(sids, prompts, prefixes):
+            table = self.kv.block_ids(sid)
+            for i in range(len(prefix) * BLOCK, len(prompt)):
+                self.slots[(table[i // BLOCK], i % BLOCK)] = prompt[i]
+            self.seqs[sid] = list(prompt)
+            self.kv.cache_computed(sid, prompt, len(prompt))
 
     @precondition(lambda self: self.seqs)
     @rule(data=st.data(), new=st.lists(st.integers(0, 3), min_size=1, max_size=6))
@@ -134,3 +141,49 @@ class KVCacheMachine(RuleBasedStateMachine):
 
 TestKVCacheManager = KVCacheMachine.TestCase
 TestKVCacheManager.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+
+
+def test_admitting_a_group_never_evicts_a_prefix_another_member_reuses():
+    """Hand-worked: four cached prompts A, B, C, D (LRU in that order); X reuses A's block and needs every plain free
+    block plus one more, Y reuses B's. Taking X's blocks one member at a time would evict B's block (the oldest not
+    in use) and then hand it to Y as its prefix while X writes into it."""
+    kv = KVCacheManager(8, BLOCK, enable_prefix_caching=True)
+    prompts = {name: [tok] * BLOCK + [9] for name, tok in (("A", 1), ("B", 2), ("C", 3), ("D", 4))}
+    for sid, prompt in enumerate(prompts.values()):
+        assert kv.admit([(sid, len(prompt), ())])
+        kv.cache_computed(sid, prompt, len(prompt))
+    for sid in range(4):
+        kv.free(sid)
+    plain_free = kv.pool.num_free - kv.pool.num_cached_unused
+    x = prompts["A"][:BLOCK] + [5] * (BLOCK * plain_free + 1)
+    y = prompts["B"][:BLOCK] + [6]
+    px, py = kv.computed_prefix(x), kv.computed_prefix(y)
+    assert len(px) == len(py) == 1
+    assert kv.admit([(10, len(x), px), (11, len(y), py)])
+    assert not set(kv.block_ids(10)) & set(kv.block_ids(11)), "X and Y share no tokens, so no block"
+    assert kv.tables[11][0] is py[0] and py[0].block_hash is not None, "Y's prefix block still holds B's tokens"
+
+
+def test_block_moves_are_done_in_the_order_decided():
+    """A copy-on-write whose destination is then swapped out: the host must get the copied K/V, not the old contents."""
+    import torch
+
+    from kvtier.cache.kv_cache_manager import CacheOps
+    from kvtier.cache.kv_storage import KVStorage, MemoryPlan
+
+    plan = MemoryPlan.from_budget(4 * BLOCK * 8, 2 * BLOCK * 8, BLOCK, 8)  # 4 device, 2 host blocks of 1 layer x 1 head x dim 1, fp32
+    storage = KVStorage(plan, 1, 1, 1, torch.float32, torch.device("cpu"))
+    for b in range(4):
+        storage.device_kv[:, :, :, b * BLOCK:(b + 1) * BLOCK] = float(b)
+    ops = CacheOps()
+    ops.add("copy", 1, 2)  # block 2 takes block 1's K/V ...
+    ops.add("swap_out", 2, 0)  # ... and then goes to host block 0
+    ops.add("copy", 3, 2)  # block 2, given back, is reused at once
+    assert [kind for kind, _ in ops.runs()] == ["copy", "swap_out", "copy"]
+    storage.apply(ops)
+    assert storage.host_kv[:, :, :, 0:BLOCK].eq(1.0).all()
+    assert storage.device_kv[:, :, :, 2 * BLOCK:3 * BLOCK].eq(3.0).all()
+    chained = CacheOps()
+    for src, dst in [(0, 1), (1, 2), (3, 0)]:
+        chained.add("copy", src, dst)
+    assert [pairs for _, pairs in chained.runs()] == [[(0, 1)], [(1, 2), (3, 0)]], "a batch never reads a block it writes"
