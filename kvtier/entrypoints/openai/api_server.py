@@ -51,8 +51,8 @@ def error_response(status: int, message: str, type_: str, param: str | None = No
 
 
 class RequireAPIKey:
-    """401 on ``/v1`` routes without ``Authorization: Bearer KEY``. Plain ASGI, not ``BaseHTTPMiddleware``,
-    which wraps ``receive`` and can report a disconnect that has not happened to a streaming response."""
+    """401 on ``/v1`` routes without ``Authorization: Bearer KEY``. Plain ASGI rather than ``BaseHTTPMiddleware``, so a
+    route that watches for its client leaving reads the connection's own ``receive``, not a wrapper around it."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app, self.expected = app, f"Bearer {api_key}".encode()
