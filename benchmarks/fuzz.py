@@ -70,6 +70,48 @@ def cap(case: schemathesis.Case, mode: schemathesis.GenerationMode) -> None:
                 case.body[key] = most
 
 
+@dataclass
+class Fuzzer:
+    """Sends generated requests to one server and tallies what comes back, until ``count`` or ``deadline``."""
+
+    url: str
+    count: int
+    deadline: float
+    tally: Tally = field(default_factory=Tally)
+    session: requests.Session = field(default_factory=requests.Session)
+
+    @property
+    def done(self) -> bool:
+        return self.tally.sent >= self.count or time.monotonic() > self.deadline
+
+    def examples(self, op: schemathesis.APIOperation, mode: schemathesis.GenerationMode, n: int, rng_seed: int) -> None:
+        """Up to ``n`` requests drawn for one route in one mode."""
+
+        @seed(rng_seed)
+        @settings(max_examples=n, deadline=None, database=None, phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+        @given(case=op.as_strategy(generation_mode=mode))
+        def send(case: schemathesis.Case) -> None:
+            if not self.done:
+                cap(case, mode)
+                self.check(op.label, case, case.call(base_url=self.url, session=self.session, timeout=60))
+
+        try:
+            send()
+        except Unsatisfiable:
+            pass  # nothing to negate in this route (GET /health in negative mode)
+
+    def check(self, route: str, case: schemathesis.Case, response: requests.Response) -> None:
+        t = self.tally
+        t.sent += 1
+        t.statuses[response.status_code] += 1
+        t.by_route[route] += 1
+        where = f"{route} {case.body!r:.300}"
+        if response.status_code >= 500:
+            t.server_errors.append(f"{response.status_code} {where}: {response.text[:200]}")
+        elif response.status_code >= 400 and (why := malformed_error(response.status_code, response)):
+            t.malformed.append(f"{why} at {where}")
+
+
 def fuzz(url: str, count: int, seconds: float, rng_seed: int = 0) -> Tally:
     """Send at least ``count`` generated requests (or stop at ``seconds``), round after round over every route and mode."""
     schema = schemathesis.openapi.from_url(url + "/openapi.json")
@@ -78,41 +120,17 @@ def fuzz(url: str, count: int, seconds: float, rng_seed: int = 0) -> Tally:
     # routes with a body have far more to explore than GET /health: give them most of the examples
     weights = {op.label: 8 if op.method.upper() == "POST" else 1 for op in operations}
     per_unit = max(1, count // sum(weights[op.label] * len(modes) for op in operations))
-    tally = Tally()
-    deadline = time.monotonic() + seconds
-    session = requests.Session()
+    fuzzer = Fuzzer(url, count, time.monotonic() + seconds)
     rounds = 0
-    while tally.sent < count and time.monotonic() < deadline:
-        sent_before = tally.sent
+    while not fuzzer.done:
+        sent_before = fuzzer.tally.sent
         for op in operations:
             for mode in modes:
-
-                @seed(rng_seed * 1000 + rounds)
-                @settings(max_examples=per_unit * weights[op.label], deadline=None, database=None, phases=[Phase.generate],
-                          suppress_health_check=list(HealthCheck))
-                @given(case=op.as_strategy(generation_mode=mode))
-                def send(case: schemathesis.Case) -> None:
-                    if time.monotonic() > deadline or tally.sent >= count:
-                        return
-                    cap(case, mode)
-                    response = case.call(base_url=url, session=session, timeout=60)
-                    tally.sent += 1
-                    tally.statuses[response.status_code] += 1
-                    tally.by_route[op.label] += 1
-                    where = f"{op.label} {case.body!r:.300}"
-                    if response.status_code >= 500:
-                        tally.server_errors.append(f"{response.status_code} {where}: {response.text[:200]}")
-                    elif response.status_code >= 400 and (why := malformed_error(response.status_code, response)):
-                        tally.malformed.append(f"{why} at {where}")
-
-                try:
-                    send()
-                except Unsatisfiable:
-                    pass  # nothing to negate in this route (GET /health in negative mode)
+                fuzzer.examples(op, mode, per_unit * weights[op.label], rng_seed * 1000 + rounds)
         rounds += 1
-        if tally.sent == sent_before:
+        if fuzzer.tally.sent == sent_before:
             break  # the routes have nothing more to give
-    return tally
+    return fuzzer.tally
 
 
 def run_fuzz(args: argparse.Namespace) -> dict:

@@ -277,7 +277,8 @@ def run_soak(args: argparse.Namespace) -> dict:
 
 def print_result(r: dict) -> None:
     print(f"machine: {r['machine']}")
-    print(f"{r['duration_s']} s, {r['clients']} clients, {r['catalogue']} distinct requests, {r['kv_blocks']} KV blocks, {r['preemptions']:.0f} preemptions ({r['preemption_mode']})")
+    print(f"{r['duration_s']} s, {r['clients']} clients, {r['catalogue']} distinct requests, {r['kv_blocks']} KV blocks, "
+          f"{r['preemptions']:.0f} preemptions ({r['preemption_mode']})")
     print(f"served {r['served']} (streamed whole {r['streamed_whole']}), dropped by clients {r['dropped']}, errors {sum(r['errors'].values())} {r['errors']}")
     print(f"5xx {r['server_5xx']}, tracebacks {r['tracebacks']}, ERROR log lines {r['error_log_lines']}, idle {r['idle_at_end']}, "
           f"KV blocks back {r['kv_blocks_back']}, greedy unchanged {r['greedy_unchanged']}, exit code {r['exit_code']}")

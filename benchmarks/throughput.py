@@ -22,10 +22,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workload import Request, add_workload_args, describe, make_workload  # noqa: E402
 
-from kvtier.engine.llm_engine import LLMEngine  # noqa: E402
-from kvtier.machine import machine_line  # noqa: E402
 from kvtier.config import EngineArgs  # noqa: E402
+from kvtier.engine.llm_engine import LLMEngine  # noqa: E402
 from kvtier.engine.metrics import engine_metrics  # noqa: E402
+from kvtier.machine import machine_line  # noqa: E402
 from kvtier.models.checkpoint_builder import build_random_checkpoint  # noqa: E402
 from kvtier.sampling_params import SamplingParams  # noqa: E402
 
@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
         r["output_tokens_per_s"] = output_tokens / r["elapsed_s"]
         r["total_tokens_per_s"] = (prompt_tokens + output_tokens) / r["elapsed_s"]
         result[name] = r
-        print(f"{name}: {r['elapsed_s']:.1f} s, {r['output_tokens_per_s']:.1f} output tok/s, {r['total_tokens_per_s']:.1f} total tok/s  {json.dumps({k: v for k, v in r.items() if k not in ('elapsed_s',)}, default=float)}")
+        rest = json.dumps({k: v for k, v in r.items() if k != "elapsed_s"}, default=float)
+        print(f"{name}: {r['elapsed_s']:.1f} s, {r['output_tokens_per_s']:.1f} output tok/s, {r['total_tokens_per_s']:.1f} total tok/s  {rest}")
     if "kvtier" in result and "hf" in result:
         ratio = result["hf"]["elapsed_s"] / result["kvtier"]["elapsed_s"]
         result["ratio_kvtier_over_hf"] = ratio

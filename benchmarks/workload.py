@@ -44,4 +44,5 @@ def make_workload(args: argparse.Namespace, vocab_size: int) -> list[Request]:
 def describe(reqs: list[Request]) -> str:
     p = np.array([len(r.prompt_token_ids) for r in reqs])
     o = np.array([r.output_len for r in reqs])
-    return f"{len(reqs)} requests; prompt len mean {p.mean():.1f} median {np.median(p):.0f} max {p.max()}; output len mean {o.mean():.1f} median {np.median(o):.0f} max {o.max()}"
+    return (f"{len(reqs)} requests; prompt len mean {p.mean():.1f} median {np.median(p):.0f} max {p.max()}; "
+            f"output len mean {o.mean():.1f} median {np.median(o):.0f} max {o.max()}")

@@ -18,15 +18,16 @@ if os.environ.get("CI"):
 # so that a test and a script share one copy of each module
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from kvtier.models.checkpoint_builder import build_random_checkpoint
-from tests.hf_checkpoints import save_hf_checkpoint
+from kvtier.models.checkpoint_builder import build_random_checkpoint  # noqa: E402
+from tests.hf_checkpoints import save_hf_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tokenizer_files(tmp_path_factory) -> Path:
     """A folder whose tokenizer files are copied into the HF-built checkpoints."""
     path = tmp_path_factory.mktemp("tok")
-    build_random_checkpoint(path, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64, vocab_size=512, tokenizer_vocab_size=512)
+    build_random_checkpoint(path, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
+                            vocab_size=512, tokenizer_vocab_size=512)
     return path
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=512, max_position_embeddings=512)
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+            max_position_embeddings=512)
 
 
 def save_hf_checkpoint(path: Path, tokenizer_files: Path, arch: str, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides) -> Path:

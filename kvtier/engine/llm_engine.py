@@ -10,7 +10,7 @@ import torch
 
 from kvtier.cache.kv_cache_manager import KVCacheManager, blocks_needed
 from kvtier.cache.kv_storage import KVStorage, MemoryPlan
-from kvtier.config import GiB, EngineArgs
+from kvtier.config import EngineArgs, GiB
 from kvtier.engine import beam_search
 from kvtier.engine.model_runner import ModelRunner
 from kvtier.engine.output_processor import OutputProcessor
@@ -46,7 +46,8 @@ class LLMEngine:
         self.memory_plan = self._plan_memory()
         if self.memory_plan.num_blocks < 1:
             knob = "kv_cache_memory" if args.kv_cache_memory is not None or self.device.type != "cuda" else "gpu_memory_utilization"
-            raise OutOfKVCacheError(f"{knob}: the KV budget of {self.memory_plan.budget_bytes} bytes holds no block of {self.memory_plan.bytes_per_block} bytes; raise {knob}")
+            raise OutOfKVCacheError(f"{knob}: the KV budget of {self.memory_plan.budget_bytes} bytes holds no block of "
+                                    f"{self.memory_plan.bytes_per_block} bytes; raise {knob}")
         self.kv = KVCacheManager(self.memory_plan.num_blocks, args.block_size, args.enable_prefix_caching, self.memory_plan.num_host_blocks)
         self.storage = KVStorage(self.memory_plan, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, dtype, self.device)
         budget = args.max_num_batched_tokens or (2048 if args.enable_chunked_prefill else self.max_model_len)
@@ -107,7 +108,10 @@ class LLMEngine:
     def check_params(self, params: SamplingParams | BeamSearchParams) -> None:
         if not isinstance(params, (SamplingParams, BeamSearchParams)):
             raise InvalidArgumentError("sampling_params", f"must be SamplingParams or BeamSearchParams, got {type(params).__name__}")
-        width = ("beam_width", params.beam_width) if isinstance(params, BeamSearchParams) else ("best_of", params.best_of) if params.best_of else ("n", params.n)
+        if isinstance(params, BeamSearchParams):
+            width = ("beam_width", params.beam_width)
+        else:
+            width = ("best_of", params.best_of) if params.best_of else ("n", params.n)
         if width[1] > self.kv.pool.num_blocks:
             raise InvalidArgumentError(width[0], f"must be <= {self.kv.pool.num_blocks}, the KV cache's blocks (a request's sequences run together, "
                                                  f"each on blocks of its own), got {width[1]}")
@@ -183,7 +187,9 @@ class LLMEngine:
         return self._finish_and_emit(plan)
 
     def _wants_prompt_logprobs(self, req: Request, seq: Sequence, start: int) -> bool:
-        return req.params.prompt_logprobs is not None and seq.index == 0 and start < req.seqs[0].prompt_len - 1 and (req.prompt_logprobs is None or len(req.prompt_logprobs) < req.seqs[0].prompt_len)
+        prompt_len = req.seqs[0].prompt_len
+        return (req.params.prompt_logprobs is not None and seq.index == 0 and start < prompt_len - 1
+                and (req.prompt_logprobs is None or len(req.prompt_logprobs) < prompt_len))
 
     def _add_prompt_logprobs(self, req: Request, start: int, logits: torch.Tensor) -> None:
         """Logits at position i score prompt token i+1; position 0 has no logprob (None, as vLLM)."""

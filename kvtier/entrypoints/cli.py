@@ -64,7 +64,8 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     prompts = ns.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     for out in llm.generate(prompts, sampling_params(ns), use_tqdm=len(prompts) > 1):
         for c in out.outputs:
-            print(json.dumps({"prompt": out.prompt, "index": c.index, "text": c.text, "finish_reason": c.finish_reason}) if ns.json else f"{out.prompt}{c.text}")
+            line = {"prompt": out.prompt, "index": c.index, "text": c.text, "finish_reason": c.finish_reason}
+            print(json.dumps(line) if ns.json else f"{out.prompt}{c.text}")
     return 0
 
 

@@ -125,7 +125,8 @@ def passkey(tokenizer: TokenEncoder, context_tokens: int, depth: float, seed: in
     """A five-digit pass key at ``depth`` in filler; the prompt ends with "The pass key is"."""
     _check(context_tokens, depth)
     key = str(random.Random(seed).randint(10000, 99999))
-    head = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about the important information there.\n"
+    head = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+            "I will quiz you about the important information there.\n")
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
     question = "\nWhat is the pass key? The pass key is"
     prompt, n = _fill(tokenizer, context_tokens, lambda f: head + _insert(f, [(depth, needle)]) + question)

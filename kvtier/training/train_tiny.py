@@ -52,6 +52,9 @@ def run_train_tiny(ns: argparse.Namespace) -> Path:
     summary = train(recipe, out, work, seed=ns.seed, steps=ns.steps, probe_every=ns.probe_every)
     _, _, validation = prepare_tokenizer(work, ns.seed)
     results = evaluate(out, np.asarray(validation), ns.eval_trials)
-    command = "kvtier train-tiny " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["train-tiny"] else f"kvtier train-tiny --recipe {recipe.name}"
+    if sys.argv[1:2] == ["train-tiny"]:
+        command = "kvtier train-tiny " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    else:
+        command = f"kvtier train-tiny --recipe {recipe.name}"
     write_card(out, recipe.name, DESCRIPTIONS[recipe.name], results, summary, f"{machine_line()}; Python {platform.python_version()}", command)
     return out

@@ -17,10 +17,10 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tqdm import tqdm
 
+from kvtier.eval.probe import induction_accuracy, run_probe
 from kvtier.training.bpe import BOS_ID, EOS_ID, PAD_ID, tokenizer_config, train_bpe
 from kvtier.training.circuit_init import seed_circuit
 from kvtier.training.corpus import read_texts, split_corpus
-from kvtier.eval.probe import induction_accuracy, run_probe
 from kvtier.training.data import BatchMaker, TokenIds, token_stream
 from kvtier.training.recipes import VOCAB_SIZE, Recipe
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from multikey_errors import NEEDLE, classify
 from tokenizers import Tokenizer
 
 from kvtier.eval.retrieval import multikey_needle
 from kvtier.training.data import TokenIds
-from multikey_errors import NEEDLE, classify
 
 TOKENIZER = Path(__file__).resolve().parents[2] / "kvtier" / "embedded" / "kvtier-tiny" / "tokenizer.json"
 

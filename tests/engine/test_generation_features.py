@@ -90,7 +90,8 @@ def test_stop_token_ids_and_min_tokens(llm):
     out = llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[stop_at]), use_tqdm=False)[0].outputs[0]
     assert out.token_ids == greedy.token_ids[: first + 1] and out.finish_reason == "stop" and out.stop_reason == stop_at
     # min_tokens bans the stop id until enough tokens are out, so generation differs from greedy only by that ban
-    banned = llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(temperature=0, max_tokens=10, min_tokens=10, stop_token_ids=[stop_at]), use_tqdm=False)[0].outputs[0]
+    params = SamplingParams(temperature=0, max_tokens=10, min_tokens=10, stop_token_ids=[stop_at])
+    banned = llm.generate({"prompt_token_ids": PROMPT}, params, use_tqdm=False)[0].outputs[0]
     assert stop_at not in banned.token_ids and len(banned.token_ids) == 10 and banned.finish_reason == "length"
 
 
@@ -102,7 +103,8 @@ def test_stop_strings_truncate_text(llm):
     stop = text[3:6]
     out = llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(temperature=0, max_tokens=12, stop=[stop], ignore_eos=True), use_tqdm=False)[0].outputs[0]
     assert out.text == text[: text.index(stop)] and out.finish_reason == "stop" and out.stop_reason == stop
-    kept = llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(temperature=0, max_tokens=12, stop=[stop], include_stop_str_in_output=True, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    params = SamplingParams(temperature=0, max_tokens=12, stop=[stop], include_stop_str_in_output=True, ignore_eos=True)
+    kept = llm.generate({"prompt_token_ids": PROMPT}, params, use_tqdm=False)[0].outputs[0]
     assert kept.text == text[: text.index(stop) + len(stop)]
     assert tok.decode(full.token_ids) == text
 

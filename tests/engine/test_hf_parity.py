@@ -55,7 +55,8 @@ def check_against_hf(path, prompts, max_tokens=8, dtype=torch.float32, tol=TOL, 
         expect = ref[len(prompt) - 1 : len(prompt) - 1 + max_tokens]
         worst = max(worst, (mine - expect).abs().max().item())
         assert gen == expect.argmax(-1).tolist(), "greedy token differs from HF argmax"
-        hf_greedy = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), max_new_tokens=max_tokens, do_sample=False, min_new_tokens=max_tokens, pad_token_id=0)
+        hf_greedy = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), max_new_tokens=max_tokens,
+                                do_sample=False, min_new_tokens=max_tokens, pad_token_id=0)
         assert hf_greedy[0, len(prompt):].tolist() == gen
     assert worst <= tol, f"max abs logit difference {worst} > {tol}"
     return llm
@@ -71,7 +72,8 @@ MIXED = [5, 17, 33, 1, 64, 40]
         ("LlamaForCausalLM", {"num_key_value_heads": 1}),  # MQA
         ("LlamaForCausalLM", {"num_key_value_heads": 4, "tie_word_embeddings": True}),
         ("LlamaForCausalLM", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
-        ("LlamaForCausalLM", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}),
+        ("LlamaForCausalLM", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                               "original_max_position_embeddings": 32}}),
         ("LlamaForCausalLM", {"attention_bias": True, "mlp_bias": True}),
         ("Qwen2ForCausalLM", {}),
         ("Qwen3ForCausalLM", {"head_dim": 32}),
@@ -86,7 +88,8 @@ def test_architectures_match_hf(tmp_path, tokenizer_files, arch, overrides):
 
 @pytest.mark.parametrize("chunked,budget", [(True, 24), (True, 2048), (False, 512)])
 def test_chunked_prefill_on_and_off(llama_dir, chunked, budget):
-    check_against_hf(llama_dir, prompts_of([70, 9, 45, 130], 512, seed=2), enable_chunked_prefill=chunked, max_num_batched_tokens=budget, kv_cache_memory=1 << 22)
+    check_against_hf(llama_dir, prompts_of([70, 9, 45, 130], 512, seed=2), enable_chunked_prefill=chunked, max_num_batched_tokens=budget,
+                     kv_cache_memory=1 << 22)
 
 
 @pytest.mark.parametrize("mode", ["recompute", "swap"])

@@ -13,7 +13,8 @@ from kvtier.models.checkpoint_builder import build_random_checkpoint
 @pytest.fixture(scope="module")
 def long_ctx_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("longctx")
-    return build_random_checkpoint(path, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, vocab_size=512, max_position_embeddings=2048, tokenizer_vocab_size=512)
+    return build_random_checkpoint(path, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                                   vocab_size=512, max_position_embeddings=2048, tokenizer_vocab_size=512)
 
 
 def peak_blocks(llm: LLM, prompt: list[int], params: SamplingParams) -> int:
@@ -28,8 +29,11 @@ def peak_blocks(llm: LLM, prompt: list[int], params: SamplingParams) -> int:
 
 def test_parallel_sampling_shares_prompt_blocks(long_ctx_dir):
     prompt = [3 + i % 500 for i in range(1000)]
-    single = peak_blocks(LLM(str(long_ctx_dir), enable_prefix_caching=False, kv_cache_memory=1 << 24), prompt, SamplingParams(n=1, max_tokens=32, ignore_eos=True, seed=0))
-    eight = peak_blocks(LLM(str(long_ctx_dir), enable_prefix_caching=False, kv_cache_memory=1 << 24), prompt, SamplingParams(n=8, max_tokens=32, ignore_eos=True, seed=0, temperature=1.0))
+    def fresh() -> LLM:
+        return LLM(str(long_ctx_dir), enable_prefix_caching=False, kv_cache_memory=1 << 24)
+
+    single = peak_blocks(fresh(), prompt, SamplingParams(n=1, max_tokens=32, ignore_eos=True, seed=0))
+    eight = peak_blocks(fresh(), prompt, SamplingParams(n=8, max_tokens=32, ignore_eos=True, seed=0, temperature=1.0))
     assert single >= 1000 // 16
     assert eight < 2 * single, (single, eight)
 

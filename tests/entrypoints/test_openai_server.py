@@ -10,9 +10,9 @@ import time
 import httpx2 as httpx
 import openai
 import pytest
-
 import server_process
 from server_process import stop
+
 from kvtier import LLM, SamplingParams
 from kvtier.models.checkpoint_builder import build_random_checkpoint
 

@@ -14,8 +14,8 @@ import time
 import httpx2 as httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
 from server_process import start_server, stop
+
 from kvtier.models.checkpoint_builder import build_random_checkpoint
 
 ABORT_LINE = re.compile(r"DEBUG .*kvtier\.engine\.async_engine: aborted (\S+(?:, \S+)*): its caller went away")

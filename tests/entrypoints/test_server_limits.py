@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import httpx2 as httpx
 import pytest
-
 from server_process import start_server, stop
+
 from kvtier.models.checkpoint_builder import build_random_checkpoint
 from kvtier.tokenizer import Tokenizer
 

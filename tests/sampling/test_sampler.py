@@ -269,7 +269,8 @@ def test_banned_tokens_are_never_sampled(device):
     logits = torch.zeros(draws, vocab, device=device)
     logits[:, [2, 5]] = 10.0  # the banned tokens are by far the most likely
     banned = (2, 5)
-    params = [SamplingParams(), SamplingParams(temperature=0.0), SamplingParams(temperature=2.0, top_k=3), SamplingParams(temperature=0.0, repetition_penalty=1.2)]
+    params = [SamplingParams(), SamplingParams(temperature=0.0), SamplingParams(temperature=2.0, top_k=3),
+              SamplingParams(temperature=0.0, repetition_penalty=1.2)]
     rows = [SamplingRow(params[i % 4], [2], [5], gen(i, device) if i % 3 == 0 else None, banned) for i in range(draws)]
     tokens = Sampler()(logits, rows).token_ids
     assert not set(tokens) & set(banned)

@@ -46,7 +46,8 @@ def test_every_document_answers_its_questions_with_the_hidden_values(min_tokens,
         haystack, _, tail = text.partition("\nWhat is")
         needles = dict(NEEDLE.findall(haystack))
         questions = QUESTION.findall("\nWhat is" + tail)
-        assert questions and "".join(f"\nWhat is the special magic number for {k}? The special magic number for {k} is {v}." for k, v in questions) == "\nWhat is" + tail
+        expected_tail = "".join(f"\nWhat is the special magic number for {k}? The special magic number for {k} is {v}." for k, v in questions)
+        assert questions and expected_tail == "\nWhat is" + tail
         assert all(needles[key] == answer for key, answer in questions)
         assert len({key for key, _ in questions}) == len(questions) <= len(needles)
         asked += len(questions)

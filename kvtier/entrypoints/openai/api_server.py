@@ -34,7 +34,6 @@ from kvtier.errors import InvalidArgumentError
 from kvtier.outputs import RequestOutput
 from kvtier.sampling_params import SamplingParams
 
-
 logger = logging.getLogger(__name__)
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer; nobody reads it
@@ -195,7 +194,8 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "kvtier", "max_model_len": engine.engine.max_model_len}]}
+        card = {"id": model_name, "object": "model", "created": 0, "owned_by": "kvtier", "max_model_len": engine.engine.max_model_len}
+        return {"object": "list", "data": [card]}
 
     @app.get("/metrics")
     async def prometheus():
@@ -286,7 +286,8 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
             last = out
             for c, delta, first_new in R.stream_deltas(out, sent, 0, params.stop):
                 lp = R.chat_logprobs(tok, c, top, start=first_new) if c.logprobs is not None else None
-                choice = {"index": c.index, "delta": {"content": delta} if delta else {}, "logprobs": lp, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                choice = {"index": c.index, "delta": {"content": delta} if delta else {}, "logprobs": lp,
+                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
                 yield R.sse({**head, "choices": [choice]})
         if req.stream_options and req.stream_options.include_usage and last is not None:
             yield R.sse({**head, "choices": [], "usage": R.usage(len(last.prompt_token_ids), sum(len(c.token_ids) for c in last.outputs))})
