@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvtier.cache.prefix_cache import HASH_ALGOS
 from kvtier.errors import InvalidArgumentError
 from kvtier.models.embedded import DEFAULT_MODEL, resolve_model
 
@@ -34,6 +35,7 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9  # fraction of GPU memory for weights + activations + KV cache
     swap_space: float = 4.0  # GiB of host memory for swapped-out blocks
     enable_prefix_caching: bool = True
+    prefix_caching_hash_algo: str = "sha256"  # vLLM's flag: "sha256", or "builtin" (Python's hash: faster, collides more; hits stay exact)
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool = True
@@ -63,6 +65,8 @@ class EngineArgs:
         _require_int("max_num_seqs", self.max_num_seqs, 1)
         if self.max_num_batched_tokens is not None:
             _require_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
+        if self.prefix_caching_hash_algo not in HASH_ALGOS:
+            raise InvalidArgumentError("prefix_caching_hash_algo", f"must be one of {', '.join(HASH_ALGOS)}; got {self.prefix_caching_hash_algo!r}")
         if self.preemption_mode not in ("recompute", "swap"):
             raise InvalidArgumentError("preemption_mode", f"must be 'recompute' or 'swap', got {self.preemption_mode!r}")
         _require_int("max_logprobs", self.max_logprobs, 0)

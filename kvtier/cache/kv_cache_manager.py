@@ -55,11 +55,13 @@ class CacheOps:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, num_host_blocks: int = 0) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, num_host_blocks: int = 0,
+                 prefix_caching_hash_algo: str = "sha256") -> None:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self.host_pool = BlockPool(num_host_blocks)
-        self.prefix_cache: PrefixCache | None = BlockHashPrefixCache(self.pool, block_size) if enable_prefix_caching else None
+        self.prefix_cache: PrefixCache | None = (BlockHashPrefixCache(self.pool, block_size, prefix_caching_hash_algo)
+                                                 if enable_prefix_caching else None)
         self.tables: dict[int, list[KVBlock]] = {}
         self.host_tables: dict[int, list[KVBlock]] = {}
         self.ops = CacheOps()

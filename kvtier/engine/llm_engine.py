@@ -48,7 +48,8 @@ class LLMEngine:
             knob = "kv_cache_memory" if args.kv_cache_memory is not None or self.device.type != "cuda" else "gpu_memory_utilization"
             raise OutOfKVCacheError(f"{knob}: the KV budget of {self.memory_plan.budget_bytes} bytes holds no block of "
                                     f"{self.memory_plan.bytes_per_block} bytes; raise {knob}")
-        self.kv = KVCacheManager(self.memory_plan.num_blocks, args.block_size, args.enable_prefix_caching, self.memory_plan.num_host_blocks)
+        self.kv = KVCacheManager(self.memory_plan.num_blocks, args.block_size, args.enable_prefix_caching, self.memory_plan.num_host_blocks,
+                                 args.prefix_caching_hash_algo)
         self.storage = KVStorage(self.memory_plan, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, dtype, self.device)
         budget = args.max_num_batched_tokens or (2048 if args.enable_chunked_prefill else self.max_model_len)
         if not args.enable_chunked_prefill and budget < self.max_model_len:

@@ -125,23 +125,42 @@ class KVCacheMachine(RuleBasedStateMachine):
 
     @invariant()
     def no_leak_no_double_free(self) -> None:
-        pool = self.kv.pool
-        free_ids = [b.block_id for b in pool._free] + list(pool._evictable)
+        free_ids = [b.block_id for b in self.kv.pool._free] + list(self.kv.prefix_cache._lru)
         assert len(free_ids) == len(set(free_ids)), "a block is free twice"
         in_use = {b.block_id for t in self.kv.tables.values() for b in t}
         assert not in_use & set(free_ids), "a referenced block is on a free list"
         assert len(in_use) + len(free_ids) == NUM_BLOCKS, "a block leaked"
 
     @invariant()
-    def cached_blocks_hold_their_hashed_tokens(self) -> None:
-        """Whatever the prefix cache indexes must still hold the tokens it was indexed for."""
+    def cached_blocks_hold_their_tokens(self) -> None:
+        """Whatever the prefix cache indexes must still hold, slot for slot, the tokens it was indexed for."""
         pc = self.kv.prefix_cache
-        for h, block in pc._by_hash.items():
-            assert block.block_hash == h
+        for key, block in pc._by_key.items():
+            entry = pc._entries[block.block_id]
+            assert entry.key == key
+            assert entry.tokens == tuple(self.slots.get((block.block_id, off)) for off in range(BLOCK))
+
+    @invariant()
+    def only_unreferenced_cached_blocks_are_evictable(self) -> None:
+        pc = self.kv.prefix_cache
+        for block_id, block in pc._lru.items():
+            assert block.ref_count == 0 and block_id in pc._entries
+        cached_unused = {b.block_id for b in self.kv.pool.blocks if b.ref_count == 0 and b.block_id in pc._entries}
+        assert cached_unused == set(pc._lru), "every unreferenced cached block is the prefix cache's to evict"
+
+
+class ConstantKeyMachine(KVCacheMachine):
+    """The same rules with every block keyed alike: each key collides, and every hit must still be the right prefix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kv.prefix_cache.key_of = lambda parent, tokens: 0
 
 
 TestKVCacheManager = KVCacheMachine.TestCase
 TestKVCacheManager.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+TestKVCacheManagerUnderCollisions = ConstantKeyMachine.TestCase
+TestKVCacheManagerUnderCollisions.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 
 
 def test_admitting_a_group_never_evicts_a_prefix_another_member_reuses():
@@ -162,7 +181,7 @@ def test_admitting_a_group_never_evicts_a_prefix_another_member_reuses():
     assert len(px) == len(py) == 1
     assert kv.admit([(10, len(x), px), (11, len(y), py)])
     assert not set(kv.block_ids(10)) & set(kv.block_ids(11)), "X and Y share no tokens, so no block"
-    assert kv.tables[11][0] is py[0] and py[0].block_hash is not None, "Y's prefix block still holds B's tokens"
+    assert kv.tables[11][0] is py[0] and kv.computed_prefix(prompts["B"]) == [py[0]], "Y's prefix block still holds B's tokens"
 
 
 def test_block_moves_are_done_in_the_order_decided():

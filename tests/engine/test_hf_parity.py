@@ -11,6 +11,7 @@ import torch
 import transformers
 
 from kvtier import LLM, SamplingParams
+from kvtier.cache.prefix_cache import HASH_ALGOS
 from tests.hf_checkpoints import save_hf_checkpoint
 
 TOL = 1e-4
@@ -126,3 +127,15 @@ def test_bfloat16_close_to_hf(tmp_path, tokenizer_files):
     mine = [next(iter(d.values())).logprob for d in out.prompt_logprobs[1:]]
     want = [ref[i, prompt[i + 1]].item() for i in range(len(prompt) - 1)]
     assert max(abs(a - b) for a, b in zip(mine, want)) < 0.05
+
+
+def test_colliding_prefix_keys_never_serve_another_prompts_kv(llama_dir, monkeypatch):
+    """Every block key forced to one value (a crafted collision): each prompt still gets HF's own greedy output, and a
+    prompt seen before still hits its own first block."""
+    monkeypatch.setitem(HASH_ALGOS, "builtin", lambda parent, tokens: 0)
+    first, second = prompts_of([40, 40], 512, seed=6)
+    llm = check_against_hf(llama_dir, [first], kv_cache_memory=1 << 22, prefix_caching_hash_algo="builtin")
+    check_against_hf(llama_dir, [second], llm=llm)  # same key as `first`'s blocks, other tokens: a miss, not a wrong hit
+    assert llm.get_metrics()["prefix_cache_hits"] == 0
+    check_against_hf(llama_dir, [first], llm=llm)
+    assert llm.get_metrics()["prefix_cache_hits"] == 16  # its first block; the next key is taken, so the chain stops there
