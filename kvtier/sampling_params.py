@@ -81,11 +81,14 @@ class SamplingParams:
     skip_special_tokens: bool = True
     use_beam_search: bool = False
     length_penalty: float = 1.0
-    early_stopping: bool = False
+    early_stopping: bool | str = False
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, 1)
         _check_int("best_of", self.best_of, self.n, optional=True, low_text=f"n ({self.n})")
+        if self.best_of is not None and self.best_of != self.n and not self.use_beam_search:
+            raise InvalidArgumentError("best_of", f"must be None or n ({self.n}) without use_beam_search (vLLM v1 does not support it either), "
+                                                  f"got {self.best_of!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             setattr(self, name, _check_range(name, getattr(self, name), "in [-2, 2]", lambda x: -2.0 <= x <= 2.0))
         self.repetition_penalty = _check_range("repetition_penalty", self.repetition_penalty, "> 0", lambda x: x > 0)
@@ -108,8 +111,9 @@ class SamplingParams:
             if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
                 raise InvalidArgumentError(name, f"must be None or an integer in [0, {MAX_LOGPROBS}] ({MAX_LOGPROBS} is OpenAI's cap), got {value!r}")
         self.length_penalty = _check_float("length_penalty", self.length_penalty)
-        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens", "use_beam_search", "early_stopping"):
+        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens", "use_beam_search"):
             _check_bool(name, getattr(self, name))
+        _check_early_stopping(self.early_stopping)
         if self.use_beam_search and self.temperature != 0:
             raise InvalidArgumentError("temperature", f"must be 0 when use_beam_search is set (beam search is deterministic), got {self.temperature}")
 
@@ -121,6 +125,11 @@ class SamplingParams:
     def clone(self) -> SamplingParams:
         """A deep copy, so a caller can tweak one request's params without aliasing another's lists."""
         return copy.deepcopy(self)
+
+
+def _check_early_stopping(v: object) -> None:
+    if v not in (True, False, "never") or not isinstance(v, (bool, str)):
+        raise InvalidArgumentError("early_stopping", f"must be True, False or \"never\" (HF transformers' beam search options), got {v!r}")
 
 
 def _stop_list(stop: object) -> list[str]:
@@ -142,17 +151,23 @@ def _stop_token_list(ids: object) -> list[int]:
 
 @dataclass
 class BeamSearchParams:
-    """Settings of a beam-search request (vLLM's shape); validated like ``SamplingParams``."""
+    """Settings of a beam-search request (vLLM's shape, plus HF's ``early_stopping``); validated like ``SamplingParams``.
+
+    ``temperature`` must stay 0: beams are ranked by the model's own log-probabilities (vLLM's beam
+    search scores raw log-probabilities too, so a temperature there changes nothing).
+    """
 
     beam_width: int
     max_tokens: int
     ignore_eos: bool = False
     temperature: float = 0.0
     length_penalty: float = 1.0
+    early_stopping: bool | str = False
 
     def __post_init__(self) -> None:
         _check_int("beam_width", self.beam_width, 1)
         _check_int("max_tokens", self.max_tokens, 1)
         _check_bool("ignore_eos", self.ignore_eos)
-        self.temperature = _check_range("temperature", self.temperature, ">= 0", lambda x: x >= 0)
+        self.temperature = _check_range("temperature", self.temperature, "0 (beams are ranked by the model's log-probabilities)", lambda x: x == 0)
         self.length_penalty = _check_float("length_penalty", self.length_penalty)
+        _check_early_stopping(self.early_stopping)

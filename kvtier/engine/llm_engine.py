@@ -133,7 +133,8 @@ class LLMEngine:
         if isinstance(params, BeamSearchParams):
             beam, params = params, SamplingParams(n=params.beam_width, temperature=0.0, max_tokens=params.max_tokens, ignore_eos=params.ignore_eos)
         elif params.use_beam_search:
-            beam = BeamSearchParams(params.best_of or params.n, params.max_tokens or 16, params.ignore_eos, 0.0, params.length_penalty)
+            beam = BeamSearchParams(params.best_of or params.n, params.max_tokens or 16, params.ignore_eos, 0.0, params.length_penalty,
+                                    params.early_stopping)
         req = Request(request_id, text, ids, params, RequestMetrics(time.monotonic()), beam=beam, stream=stream)
         seq = Sequence(list(ids), len(ids))
         if params.seed is not None:

@@ -86,7 +86,9 @@ BAD_SAMPLING = [
     ({"skip_special_tokens": None}, "skip_special_tokens", "True or False"),
     ({"include_stop_str_in_output": "yes"}, "include_stop_str_in_output", "True or False"),
     ({"use_beam_search": 1}, "use_beam_search", "True or False"),
-    ({"early_stopping": 0}, "early_stopping", "True or False"),
+    ({"early_stopping": 0}, "early_stopping", 'True, False or "never"'),
+    ({"early_stopping": "always"}, "early_stopping", 'True, False or "never"'),
+    ({"n": 2, "best_of": 3}, "best_of", "without use_beam_search"),
     ({"use_beam_search": True}, "temperature", "must be 0"),
     ({"use_beam_search": True, "temperature": 0.5}, "temperature", "must be 0"),
 ]
@@ -160,7 +162,9 @@ BAD_BEAM = [
     ({"beam_width": 2, "max_tokens": 0}, "max_tokens", ">= 1"),
     ({"beam_width": 2, "max_tokens": True}, "max_tokens", ">= 1"),
     ({"beam_width": 2, "max_tokens": 4, "ignore_eos": "no"}, "ignore_eos", "True or False"),
-    ({"beam_width": 2, "max_tokens": 4, "temperature": -1.0}, "temperature", ">= 0"),
+    ({"beam_width": 2, "max_tokens": 4, "temperature": -1.0}, "temperature", "must be 0"),
+    ({"beam_width": 2, "max_tokens": 4, "temperature": 0.7}, "temperature", "must be 0"),
+    ({"beam_width": 2, "max_tokens": 4, "early_stopping": "yes"}, "early_stopping", '"never"'),
     ({"beam_width": 2, "max_tokens": 4, "length_penalty": float("nan")}, "length_penalty", "finite"),
 ]
 
