@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvtier.attention.registry import get_backend
 from kvtier.cache.prefix_cache import HASH_ALGOS
 from kvtier.errors import InvalidArgumentError
 from kvtier.models.embedded import DEFAULT_MODEL, resolve_model
@@ -41,6 +42,7 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     preemption_mode: str = "recompute"
     max_logprobs: int = 20
+    attention_backend: str = "paged"  # see kvtier.attention.registry
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -70,6 +72,7 @@ class EngineArgs:
         if self.preemption_mode not in ("recompute", "swap"):
             raise InvalidArgumentError("preemption_mode", f"must be 'recompute' or 'swap', got {self.preemption_mode!r}")
         _require_int("max_logprobs", self.max_logprobs, 0)
+        get_backend(self.attention_backend)  # an unknown name fails here, listing the known ones
 
     @classmethod
     def field_names(cls) -> set[str]:

@@ -11,6 +11,20 @@ from dataclasses import dataclass, field
 import torch
 
 
+@dataclass(frozen=True)
+class ScheduledTokens:
+    """One sequence's new tokens of a step, as plain data: their ids, the position of the first, the blocks of its K/V."""
+
+    seq_id: int
+    token_ids: list[int]
+    start: int
+    block_ids: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
 @dataclass
 class PrefillSpan:
     """One sequence's chunk of new tokens (query length > 1) in the flattened batch."""

@@ -1,4 +1,4 @@
-"""Attention over a paged KV cache (the PagedAttention data path, done with matmuls on gathered blocks).
+"""The default attention backend, ``paged``: the PagedAttention data path done with matmuls on gathered blocks.
 
 Each layer's cache is K and V as [kv_heads, num_blocks * block_size, head_dim]; a sequence's keys
 live in the blocks its block table names. Heads-outermost makes one head's cache a 2-D table of
@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvtier.attention.metadata import AttentionMetadata, DecodeGroup, prefill_mask
+from kvtier.attention.backend import AttentionBackend
+from kvtier.attention.metadata import AttentionMetadata, DecodeGroup, PrefillSpan, ScheduledTokens, group_by_length, prefill_mask
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -78,3 +79,50 @@ def paged_attention(
         op = F.scaled_dot_product_attention(qp, kc, vc, attn_mask=mask, scale=scale)
         out[rows] = op.view(num_kv, group, span.query_len, head_dim).permute(2, 0, 1, 3).reshape(span.query_len, num_heads, head_dim)
     return out
+
+
+def _slots(block_ids: list[int], start: int, n: int, block_size: int) -> torch.Tensor:
+    table = torch.tensor(block_ids, dtype=torch.long)
+    pos = torch.arange(start, start + n)
+    return table[pos // block_size] * block_size + pos % block_size
+
+
+def _decode_groups(decodes: list[ScheduledTokens], block_size: int, device: torch.device) -> list[DecodeGroup]:
+    """Decodes sorted by block count, split into groups of similar length (bounded padding in the gather)."""
+    groups, start = [], 0
+    for size in group_by_length([len(s.block_ids) for s in decodes]):
+        rows = decodes[start : start + size]
+        width = len(rows[-1].block_ids)
+        flat = torch.tensor([b for s in rows for b in s.block_ids + [0] * (width - len(s.block_ids))], dtype=torch.long, device=device)
+        pos = torch.tensor([s.start for s in rows], dtype=torch.long, device=device)
+        groups.append(DecodeGroup(start, flat, pos + 1, pos, block_size))
+        start += size
+    return groups
+
+
+class PagedAttentionBackend(AttentionBackend):
+    """Decodes first, grouped by length; then each prefill chunk, attending over its gathered context."""
+
+    name = "paged"
+
+    def plan(self, seqs: list[ScheduledTokens], block_size: int, device: torch.device) -> tuple[list[ScheduledTokens], AttentionMetadata]:
+        decodes = sorted((s for s in seqs if s.num_tokens == 1), key=lambda s: len(s.block_ids))
+        prefills = [s for s in seqs if s.num_tokens > 1]
+        ordered = decodes + prefills
+        parts = [_slots(s.block_ids, s.start, s.num_tokens, block_size) for s in prefills]
+        if decodes:  # one vectorised op for all decodes, however many
+            pos = torch.tensor([s.start for s in decodes], dtype=torch.long)
+            last = torch.tensor([s.block_ids[s.start // block_size] for s in decodes], dtype=torch.long)
+            parts.insert(0, last * block_size + pos % block_size)
+        slots = torch.cat(parts).to(device)
+        spans, offset = [], len(decodes)
+        for s in prefills:
+            ctx = s.start + s.num_tokens
+            gather = None if s.start == 0 else _slots(s.block_ids, 0, ctx, block_size).to(device)
+            spans.append(PrefillSpan(offset, s.num_tokens, ctx, gather, torch.arange(s.start, ctx, device=device)))
+            offset += s.num_tokens
+        return ordered, AttentionMetadata(slots, len(decodes), _decode_groups(decodes, block_size, device), spans)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata, scale: float, window: int | None) -> torch.Tensor:
+        return paged_attention(q, k, v, k_cache, v_cache, meta, scale, window)

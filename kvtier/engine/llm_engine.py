@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import torch
 
+from kvtier.attention.registry import get_backend
 from kvtier.cache.kv_cache_manager import KVCacheManager, blocks_needed
 from kvtier.cache.kv_storage import KVStorage, MemoryPlan
 from kvtier.config import EngineArgs, GiB
@@ -42,7 +43,8 @@ class LLMEngine:
             raise InvalidArgumentError("max_model_len", f"must be <= max_position_embeddings ({cfg.max_position_embeddings}), got {self.max_model_len}")
         self.tokenizer = Tokenizer.from_pretrained(args.tokenizer or path)
         torch.manual_seed(args.seed)
-        self.model = load_model(path, cfg, dtype, self.device, self.max_model_len)
+        self.attention = get_backend(args.attention_backend)
+        self.model = load_model(path, cfg, dtype, self.device, self.max_model_len, self.attention)
         self.memory_plan = self._plan_memory()
         if self.memory_plan.num_blocks < 1:
             knob = "kv_cache_memory" if args.kv_cache_memory is not None or self.device.type != "cuda" else "gpu_memory_utilization"
@@ -55,7 +57,7 @@ class LLMEngine:
         if not args.enable_chunked_prefill and budget < self.max_model_len:
             raise InvalidArgumentError("max_num_batched_tokens", f"must be >= max_model_len ({self.max_model_len}) without chunked prefill, got {budget}")
         self.scheduler = Scheduler(self.kv, args.max_num_seqs, budget, args.enable_chunked_prefill, args.preemption_mode)
-        self.runner = ModelRunner(self.model, self.storage, self.kv, self.device)
+        self.runner = ModelRunner(self.model, self.storage, self.kv, self.device, self.attention)
         self.sampler = Sampler()
         self.output = OutputProcessor(self.tokenizer, self.max_model_len)
         self.requests: dict[str, Request] = {}

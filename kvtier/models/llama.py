@@ -1,7 +1,7 @@
 """The Llama family of decoders: Llama, Mistral (sliding window), Qwen2 (qkv bias), Qwen3 (q/k norm).
 
 They differ only in flags read from ``config.json`` (see ``ModelConfig``), so one module
-serves all four. Attention goes through ``kvtier.attention.paged`` over the paged KV cache.
+serves all four. Attention goes through the engine's ``AttentionBackend`` over the paged KV cache.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from kvtier.attention.backend import AttentionBackend
 from kvtier.attention.metadata import AttentionMetadata
-from kvtier.attention.paged import paged_attention
 from kvtier.models.config import ModelConfig
 from kvtier.models.layers import GatedMLP, RMSNorm
 from kvtier.models.rope import RotaryEmbedding
@@ -28,8 +28,9 @@ _PACKED = {
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, window: int | None) -> None:
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, window: int | None, backend: AttentionBackend) -> None:
         super().__init__()
+        self.backend = backend
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
@@ -56,15 +57,15 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
-        out = paged_attention(q, k, v, kv[0], kv[1], meta, self.scale, self.window)
+        out = self.backend.forward(q, k, v, kv[0], kv[1], meta, self.scale, self.window)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, window: int | None) -> None:
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, window: int | None, backend: AttentionBackend) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, rotary, window)
+        self.self_attn = Attention(cfg, rotary, window, backend)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
@@ -76,12 +77,12 @@ class DecoderLayer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Decoder-only transformer over a flattened batch of tokens [T]."""
 
-    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+    def __init__(self, cfg: ModelConfig, max_positions: int, backend: AttentionBackend) -> None:
         super().__init__()
         self.config = cfg
         rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope, cfg.dtype)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, w) for w in cfg.sliding_windows)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, w, backend) for w in cfg.sliding_windows)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:

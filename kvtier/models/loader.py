@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from kvtier.attention.backend import AttentionBackend
 from kvtier.errors import ModelNotFoundError
 from kvtier.models.config import ModelConfig
 from kvtier.models.embedded import embedded_models
@@ -45,14 +46,14 @@ def iter_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-def load_model(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int) -> nn.Module:
-    """Instantiate the architecture directly in ``dtype`` on ``device`` and fill its weights."""
+def load_model(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int, backend: AttentionBackend) -> nn.Module:
+    """Instantiate the architecture directly in ``dtype`` on ``device``, attending through ``backend``, and fill its weights."""
     cls = model_class(cfg.architecture)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = cls(cfg, max_positions)
+            model = cls(cfg, max_positions, backend)
     finally:
         torch.set_default_dtype(prev)
     model.load_weights(iter_weights(path))

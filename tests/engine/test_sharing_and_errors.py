@@ -83,6 +83,12 @@ def test_bad_engine_args(tmp_path, long_ctx_dir):
     with pytest.raises(InvalidArgumentError) as e:
         LLM(str(long_ctx_dir), block_size=0, kv_cache_memory=1 << 24)
     assert e.value.field == "block_size"
+    with pytest.raises(InvalidArgumentError) as e:
+        LLM(str(long_ctx_dir), attention_backend="flash", kv_cache_memory=1 << 24)
+    assert e.value.field == "attention_backend" and "paged" in e.value.message and "'flash'" in e.value.message
+    with pytest.raises(InvalidArgumentError) as e:
+        LLM(str(long_ctx_dir), prefix_caching_hash_algo="md5", kv_cache_memory=1 << 24)
+    assert e.value.field == "prefix_caching_hash_algo" and "sha256" in e.value.message
     bad = tmp_path / "gpt2"
     bad.mkdir()
     cfg = json.loads((long_ctx_dir / "config.json").read_text())

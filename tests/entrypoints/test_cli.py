@@ -50,6 +50,8 @@ def test_bad_flag_value_is_a_clear_error(model_dir):
     assert r.returncode == 2 and "top_p" in r.stderr and "(0, 1]" in r.stderr
     r = kvtier("generate", "--model", str(model_dir / "missing"), "--prompt", "x")
     assert r.returncode == 2 and "missing" in r.stderr
+    r = kvtier("generate", "--model", str(model_dir), "--prompt", "x", "--attention-backend", "flash")
+    assert r.returncode == 2 and "attention_backend: must be one of paged" in r.stderr
 
 
 def test_chat_reads_turns_from_stdin(model_dir):

@@ -1,0 +1,31 @@
+"""The attention backend interface: how a layer reads and writes the paged KV cache.
+
+One backend is chosen by name for the whole engine (``--attention-backend``). The model runner asks it
+once per step to lay out the step's tokens and build its metadata (``plan``), and every attention layer
+calls its ``forward``. A backend owns its metadata because what is worth precomputing depends on how
+it reads the cache. The KV-method issues extend this interface rather than the model code: reading a
+chosen subset of blocks or tokens per KV head, handing a decode step's attention probabilities to a
+method that asks for them, and K and V in different tiers (they already come as separate tensors).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from kvtier.attention.metadata import AttentionMetadata, ScheduledTokens
+
+
+class AttentionBackend(ABC):
+    name: ClassVar[str]
+
+    @abstractmethod
+    def plan(self, seqs: list[ScheduledTokens], block_size: int, device: torch.device) -> tuple[list[ScheduledTokens], AttentionMetadata]:
+        """The step's sequences in the order their tokens are laid out in the batch, and the metadata for that layout."""
+
+    @abstractmethod
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata, scale: float, window: int | None) -> torch.Tensor:
+        """Write this step's K/V [T, Hkv, D] into the layer's cache, then attend: q [T, H, D] -> [T, H, D]."""
