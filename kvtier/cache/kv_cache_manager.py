@@ -6,52 +6,15 @@ copies it decides on (copy-on-write, swap) are queued as (src, dst) pairs for th
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Sequence
 
 from kvtier.cache.block_pool import BlockPool, KVBlock
+from kvtier.cache.ops import CacheOps, MoveKind
 from kvtier.cache.prefix_cache import BlockHashPrefixCache, PrefixCache
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
-
-
-MoveKind = Literal["copy", "swap_out", "swap_in"]  # device -> device (copy-on-write), device -> host, host -> device
-
-
-@dataclass
-class CacheOps:
-    """Physical block moves the worker must do before the next forward, in the order they were decided.
-
-    The order matters: a block given up by one move (a sequence swapped out, a copy-on-write source)
-    may be the destination of a later one in the same step, so the worker replays them in order.
-    """
-
-    moves: list[tuple[MoveKind, int, int]] = field(default_factory=list)
-
-    def add(self, kind: MoveKind, src: int, dst: int) -> None:
-        self.moves.append((kind, src, dst))
-
-    def __bool__(self) -> bool:
-        return bool(self.moves)
-
-    def runs(self) -> Iterator[tuple[MoveKind, list[tuple[int, int]]]]:
-        """The moves as batches the worker can do at once: consecutive moves of one kind, cut where a move
-        reads or writes a block that an earlier move of the batch writes (a batch reads everything first)."""
-        kind: MoveKind | None = None
-        pairs: list[tuple[int, int]] = []
-        written: set[int] = set()
-        for k, src, dst in self.moves:
-            if k != kind or src in written or dst in written:
-                if pairs:
-                    yield kind, pairs
-                kind, pairs, written = k, [], set()
-            pairs.append((src, dst))
-            written.add(dst)
-        if pairs:
-            yield kind, pairs
 
 
 class KVCacheManager:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvtier.cache.kv_cache_manager import CacheOps
+from kvtier.cache.ops import CacheOps
 
 
 @dataclass(frozen=True)

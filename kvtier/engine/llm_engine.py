@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import torch
 
+from kvtier.attention.metadata import ScheduledTokens
 from kvtier.attention.registry import get_backend
 from kvtier.cache.kv_cache_manager import KVCacheManager, blocks_needed
 from kvtier.cache.kv_storage import KVStorage, MemoryPlan
@@ -15,8 +16,9 @@ from kvtier.config import EngineArgs, GiB
 from kvtier.engine import beam_search
 from kvtier.engine.model_runner import ModelRunner
 from kvtier.engine.output_processor import OutputProcessor
-from kvtier.engine.scheduler import Scheduler
+from kvtier.engine.scheduler import Scheduler, SchedulerOutput
 from kvtier.engine.sequence import Request, RequestStatus, Sequence
+from kvtier.engine.step_input import StepInput
 from kvtier.errors import InvalidArgumentError, OutOfKVCacheError
 from kvtier.models.config import ModelConfig, parse_dtype
 from kvtier.models.loader import load_model, resolve_model_path
@@ -57,7 +59,7 @@ class LLMEngine:
         if not args.enable_chunked_prefill and budget < self.max_model_len:
             raise InvalidArgumentError("max_num_batched_tokens", f"must be >= max_model_len ({self.max_model_len}) without chunked prefill, got {budget}")
         self.scheduler = Scheduler(self.kv, args.max_num_seqs, budget, args.enable_chunked_prefill, args.preemption_mode)
-        self.runner = ModelRunner(self.model, self.storage, self.kv, self.device, self.attention)
+        self.runner = ModelRunner(self.model, self.storage, self.device, self.attention)
         self.sampler = Sampler()
         self.output = OutputProcessor(self.tokenizer, self.max_model_len)
         self.requests: dict[str, Request] = {}
@@ -172,13 +174,10 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one iteration; return outputs of requests that finished (and of streamed ones that moved)."""
         plan = self.scheduler.schedule()
-        self.storage.apply(self.kv.take_ops())
+        logits = self.runner.execute(self._step_input(plan))
         if plan.empty:
             return self._evict_unservable()
         now = time.monotonic()
-        sample_ids = {s.seq_id for r in plan.to_sample for s in r.live_seqs}
-        want_prompt = {c.seq.seq_id for c in plan.chunks if self._wants_prompt_logprobs(c.request, c.seq, c.start)}
-        logits = self.runner.execute(plan.chunks, sample_ids, want_prompt)
         for c in plan.chunks:
             if c.request.metrics.first_scheduled_time is None:
                 c.request.metrics.first_scheduled_time = now
@@ -189,6 +188,14 @@ class LLMEngine:
         if plan.to_sample:
             self._sample(plan.to_sample, logits.last)
         return self._finish_and_emit(plan)
+
+    def _step_input(self, plan: SchedulerOutput) -> StepInput:
+        """The plan as the runner's plain data, with the block moves the cache decided for it."""
+        seqs = tuple(ScheduledTokens(c.seq.seq_id, c.seq.token_ids[c.start : c.start + c.num_tokens], c.start, self.kv.block_ids(c.seq.seq_id))
+                     for c in plan.chunks)
+        sample_ids = frozenset(s.seq_id for r in plan.to_sample for s in r.live_seqs)
+        want_prompt = frozenset(c.seq.seq_id for c in plan.chunks if self._wants_prompt_logprobs(c.request, c.seq, c.start))
+        return StepInput(seqs, sample_ids, want_prompt, self.kv.take_ops())
 
     def _wants_prompt_logprobs(self, req: Request, seq: Sequence, start: int) -> bool:
         prompt_len = req.seqs[0].prompt_len

@@ -1,4 +1,8 @@
-"""Turns a scheduled step into tensors, runs the model once, and returns only the logits needed."""
+"""Turns a ``StepInput`` into tensors, runs the model once, and returns only the logits needed.
+
+It knows the model, the KV storage and the attention backend, and nothing of the scheduler or the
+cache managers: every step arrives as plain data.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,8 @@ from torch import nn
 
 from kvtier.attention.backend import AttentionBackend
 from kvtier.attention.metadata import ScheduledTokens
-from kvtier.cache.kv_cache_manager import KVCacheManager
 from kvtier.cache.kv_storage import KVStorage
-from kvtier.engine.scheduler import Chunk
+from kvtier.engine.step_input import StepInput
 
 
 @dataclass
@@ -21,26 +24,27 @@ class StepLogits:
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, storage: KVStorage, kv: KVCacheManager, device: torch.device, backend: AttentionBackend) -> None:
+    def __init__(self, model: nn.Module, storage: KVStorage, device: torch.device, backend: AttentionBackend) -> None:
         self.model = model
         self.backend = backend
         self.storage = storage
-        self.kv = kv
         self.device = device
-        self.block_size = kv.block_size
+        self.block_size = storage.block_size
         self.kv_caches = storage.layer_caches()
 
     @torch.inference_mode()
-    def execute(self, chunks: list[Chunk], sample_ids: set[int], prompt_logit_ids: set[int]) -> StepLogits:
-        seqs = [ScheduledTokens(c.seq.seq_id, c.seq.token_ids[c.start : c.start + c.num_tokens], c.start, self.kv.block_ids(c.seq.seq_id))
-                for c in chunks]
-        ordered, meta = self.backend.plan(seqs, self.block_size, self.device)
+    def execute(self, step: StepInput) -> StepLogits:
+        """Do the step's block moves, then the forward; an empty step only moves blocks."""
+        self.storage.apply(step.ops)
+        if not step.seqs:
+            return StepLogits({}, {})
+        ordered, meta = self.backend.plan(list(step.seqs), self.block_size, self.device)
         ids = [t for s in ordered for t in s.token_ids]
         positions = [p for s in ordered for p in range(s.start, s.start + s.num_tokens)]
         hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device), self.kv_caches, meta)
-        return self._logits(ordered, hidden, sample_ids, prompt_logit_ids)
+        return self._logits(ordered, hidden, step.sample_ids, step.prompt_logit_ids)
 
-    def _logits(self, ordered: list[ScheduledTokens], hidden: torch.Tensor, sample_ids: set[int], prompt_logit_ids: set[int]) -> StepLogits:
+    def _logits(self, ordered: list[ScheduledTokens], hidden: torch.Tensor, sample_ids: frozenset[int], prompt_logit_ids: frozenset[int]) -> StepLogits:
         rows: list[int] = []
         owners: list[tuple[int, bool, int]] = []  # (seq_id, is_prompt_block, length)
         offset = 0

@@ -188,8 +188,8 @@ def test_block_moves_are_done_in_the_order_decided():
     """A copy-on-write whose destination is then swapped out: the host must get the copied K/V, not the old contents."""
     import torch
 
-    from kvtier.cache.kv_cache_manager import CacheOps
     from kvtier.cache.kv_storage import KVStorage, MemoryPlan
+    from kvtier.cache.ops import CacheOps
 
     plan = MemoryPlan.from_budget(4 * BLOCK * 8, 2 * BLOCK * 8, BLOCK, 8)  # 4 device, 2 host blocks of 1 layer x 1 head x dim 1, fp32
     storage = KVStorage(plan, 1, 1, 1, torch.float32, torch.device("cpu"))
