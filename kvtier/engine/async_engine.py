@@ -77,15 +77,19 @@ class AsyncLLMEngine:
         self._thread.start()
 
     # ---- called from the event loop ----------------------------------------------------------
-    def validate(self, prompt: PromptInput, params: SamplingParams) -> list[int]:
-        """Raise ``InvalidArgumentError`` for a bad request before anything is queued; return its token ids."""
+    def validate(self, prompt: PromptInput, params: SamplingParams) -> dict:
+        """Raise ``InvalidArgumentError`` for a bad request before anything is queued; return it tokenized.
+
+        The result (``{"prompt_token_ids": [...], "prompt": text}``) is what ``submit`` takes and hands on,
+        so a text prompt is tokenized once, here, and only its ids are checked again later.
+        """
         self.engine.check_params(params)
-        return self.engine.tokenize_prompt(prompt)[1]
+        text, ids = self.engine.tokenize_prompt(prompt)
+        return {"prompt_token_ids": ids, "prompt": text}
 
     def submit(self, prompts: list[PromptInput], params: SamplingParams, request_ids: list[str] | None = None, stream: bool = True) -> RequestStream:
         """Queue one request per prompt and return their outputs' stream; bad input or a full queue raises first, queuing nothing."""
-        for p in prompts:
-            self.validate(p, params)
+        prompts = [self.validate(p, params) for p in prompts]
         if self.max_queue_len is not None and self._metrics["num_requests_waiting"] + self._ops.qsize() + len(prompts) > self.max_queue_len:
             raise EngineOverloadedError(f"max_queue_len: {self.max_queue_len} requests are already waiting")
         rids = request_ids or [f"req-{next(self._ids)}" for _ in prompts]

@@ -113,11 +113,12 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
         A bad or rejected request raises an ``APIError`` before anything is queued.
         """
         limit = engine.engine.max_model_len
+        try:
+            prompts = [engine.validate(p, params) for p in prompts]  # tokenized once, here
+        except InvalidArgumentError as e:
+            raise bad_request(e) from None
         for p in prompts:
-            try:
-                ids = engine.validate(p, params)
-            except InvalidArgumentError as e:
-                raise bad_request(e) from None
+            ids = p["prompt_token_ids"]
             if params.max_tokens is not None and len(ids) + params.max_tokens > limit:
                 raise APIError(400, f"{req.max_tokens_field}: this model's maximum context length is {limit} tokens. However, you requested "
                                f"{len(ids) + params.max_tokens} tokens ({len(ids)} in the prompt, {params.max_tokens} in the completion). "

@@ -1,0 +1,34 @@
+"""The engine shared by server connections tokenizes a text prompt once (the server's validation does it, and only
+the ids travel on), and its streams deliver the same tokens as the offline engine."""
+
+from __future__ import annotations
+
+import asyncio
+
+from kvtier import LLM, SamplingParams
+from kvtier.config import EngineArgs
+from kvtier.engine.async_engine import AsyncLLMEngine
+from kvtier.engine.llm_engine import LLMEngine
+
+
+def test_a_text_prompt_is_tokenized_once_and_generates_as_offline(llama_dir):
+    engine = AsyncLLMEngine(LLMEngine(EngineArgs(model=str(llama_dir), kv_cache_memory=1 << 22)))
+    calls = []
+    encode = engine.engine.tokenizer.encode
+    engine.engine.tokenizer.encode = lambda *a, **k: calls.append(a) or encode(*a, **k)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+    async def run() -> list[int]:
+        prompts = [engine.validate("def add(a, b):", params)]  # what the server does before submitting
+        last = None
+        async for _, out in engine.submit(prompts, params):
+            last = out
+        return last.outputs[0].token_ids
+
+    try:
+        tokens = asyncio.run(run())
+    finally:
+        engine.shutdown()
+    assert len(calls) == 1, calls
+    offline = LLM(str(llama_dir), kv_cache_memory=1 << 22).generate("def add(a, b):", params, use_tqdm=False)[0]
+    assert tokens == offline.outputs[0].token_ids
