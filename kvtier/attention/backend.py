@@ -1,8 +1,8 @@
 """The attention backend interface: how a layer reads and writes the paged KV cache.
 
 One backend is chosen by name for the whole engine (``--attention-backend``). The model runner asks it
-once per step to lay out the step's tokens and build its metadata (``plan``), and every attention layer
-calls its ``forward``. A backend owns its metadata because what is worth precomputing depends on how
+once per step to lay out the step's tokens and build its metadata for each layer group (``plan``), and
+every attention layer calls its ``forward`` with its group's metadata. A backend owns its metadata because what is worth precomputing depends on how
 it reads the cache. The KV-method issues extend this interface rather than the model code: reading a
 chosen subset of blocks or tokens per KV head, handing a decode step's attention probabilities to a
 method that asks for them, and K and V in different tiers (they already come as separate tensors).
@@ -22,10 +22,12 @@ class AttentionBackend(ABC):
     name: ClassVar[str]
 
     @abstractmethod
-    def plan(self, seqs: list[ScheduledTokens], block_size: int, device: torch.device) -> tuple[list[ScheduledTokens], AttentionMetadata]:
-        """The step's sequences in the order their tokens are laid out in the batch, and the metadata for that layout."""
+    def plan(self, seqs: list[ScheduledTokens], block_size: int, windows: list[int | None],
+             device: torch.device) -> tuple[list[ScheduledTokens], list[AttentionMetadata]]:
+        """The step's sequences in the order their tokens are laid out in the batch, and for each layer group (whose
+        sliding window, or None, ``windows`` gives) the metadata for that layout over the group's block tables."""
 
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float, window: int | None) -> torch.Tensor:
+                meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """Write this step's K/V [T, Hkv, D] into the layer's cache, then attend: q [T, H, D] -> [T, H, D]."""

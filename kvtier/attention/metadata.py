@@ -1,7 +1,8 @@
 """Per-step attention metadata: where new K/V go and which cache blocks each query reads.
 
-Built once per engine step by the model runner and shared by every layer, so the
-per-layer work is only gathers and matmuls.
+Built once per engine step and layer group by the attention backend and shared by every layer of
+the group, so the per-layer work is only gathers and matmuls. A sliding-window group reads only the
+blocks its window reaches: its gathers start at ``key_start``, not at position 0.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import torch
 
 @dataclass(frozen=True)
 class ScheduledTokens:
-    """One sequence's new tokens of a step, as plain data: their ids, the position of the first, the blocks of its K/V."""
+    """One sequence's new tokens of a step, as plain data: their ids, the position of the first, and per layer group the
+    block table of its K/V (-1 where a block fell out of a window and is read by no query)."""
 
     seq_id: int
     token_ids: list[int]
     start: int
-    block_ids: list[int]
+    block_ids: tuple[list[int], ...]
 
     @property
     def num_tokens(self) -> int:
@@ -31,9 +33,10 @@ class PrefillSpan:
 
     start: int  # offset of the chunk in the flattened token batch
     query_len: int
-    context_len: int  # cached + new tokens this chunk attends over
-    slots: torch.Tensor | None  # [context_len] cache slots to gather; None when context == chunk
+    context_len: int  # cached + new tokens up to the chunk's end
+    slots: torch.Tensor | None  # [context_len - key_start] cache slots to gather; None when the keys are the chunk itself
     positions: torch.Tensor  # [query_len] absolute positions of the chunk's tokens
+    key_start: int = 0  # position of the first gathered key (a window's first block)
 
 
 @dataclass
@@ -41,28 +44,30 @@ class DecodeGroup:
     """Decode tokens of similar context length, padded to the group's longest block table."""
 
     start: int  # offset of the group's first token in the flattened batch
-    block_ids: torch.Tensor  # [size * max_blocks] flattened block tables, padded with block 0
+    block_ids: torch.Tensor  # [size * max_blocks] flattened block tables (from each key_start), padded with block 0
     context_lens: torch.Tensor  # [size]
     positions: torch.Tensor  # [size]
     block_size: int
-    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    window: int | None = None
+    key_starts: torch.Tensor | None = None  # [size] position of each row's first gathered key; None: all 0
+    _mask: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def size(self) -> int:
         return self.context_lens.numel()
 
-    def mask(self, window: int | None) -> torch.Tensor:
-        """[size, 1, L] keys each query may see; built once per step and window size."""
-        mask = self._masks.get(window)
-        if mask is None:
+    def mask(self) -> torch.Tensor:
+        """[size, 1, L] keys each query may see; built once per step."""
+        if self._mask is None:
             num_keys = self.block_ids.numel() // self.size * self.block_size
-            key_pos = torch.arange(num_keys, device=self.context_lens.device)
-            mask = key_pos[None, :] < self.context_lens[:, None]
-            if window is not None:
-                mask &= key_pos[None, :] > (self.positions[:, None] - window)
-            mask = mask[:, None, :]
-            self._masks[window] = mask
-        return mask
+            key_pos = torch.arange(num_keys, device=self.context_lens.device)[None, :]
+            if self.key_starts is not None:
+                key_pos = key_pos + self.key_starts[:, None]
+            mask = key_pos < self.context_lens[:, None]
+            if self.window is not None:
+                mask &= key_pos > (self.positions[:, None] - self.window)
+            self._mask = mask[:, None, :]
+        return self._mask
 
 
 @dataclass
@@ -73,11 +78,12 @@ class AttentionMetadata:
     num_decode_tokens: int
     decode_groups: list[DecodeGroup]
     prefills: list[PrefillSpan]
+    window: int | None = None  # the group's sliding window; None for full attention
 
 
 def prefill_mask(span: PrefillSpan, window: int | None) -> torch.Tensor:
-    """[query_len, context_len] causal (and sliding-window) visibility for one chunk."""
-    key_pos = torch.arange(span.context_len, device=span.positions.device)
+    """[query_len, context_len - key_start] causal (and sliding-window) visibility for one chunk."""
+    key_pos = torch.arange(span.key_start, span.context_len, device=span.positions.device)
     q_pos = span.positions[:, None]
     mask = key_pos[None, :] <= q_pos
     if window is not None:

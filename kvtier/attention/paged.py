@@ -30,14 +30,14 @@ def _gather(cache_head: torch.Tensor, block_ids: torch.Tensor, batch: int, block
     return F.embedding(block_ids, table).view(batch, -1, dim)
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup, scale: float, window: int | None) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup, scale: float) -> torch.Tensor:
     """q [B, H, D] -> [B, H, D]: one query per sequence, one KV head at a time."""
     batch, num_heads, dim = q.shape
     num_kv = k_cache.shape[0]
     per_kv = num_heads // num_kv
     qd = q.view(batch, num_kv, per_kv, dim)
     out = torch.empty_like(qd)
-    mask = group.mask(window)
+    mask = group.mask()
     for h in range(num_kv):
         keys = _gather(k_cache[h], group.block_ids, batch, group.block_size)
         values = _gather(v_cache[h], group.block_ids, batch, group.block_size)
@@ -55,7 +55,6 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
-    window: int | None = None,
 ) -> torch.Tensor:
     """Write this step's K/V into the cache, then attend. q [T, H, D], k/v [T, Hkv, D] -> [T, H, D]."""
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
@@ -65,7 +64,7 @@ def paged_attention(
     out = torch.empty_like(q)
     for g in meta.decode_groups:
         rows = slice(g.start, g.start + g.size)
-        out[rows] = decode_attention(q[rows], k_cache, v_cache, g, scale, window)
+        out[rows] = decode_attention(q[rows], k_cache, v_cache, g, scale)
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.query_len)
         if span.slots is None:
@@ -75,7 +74,7 @@ def paged_attention(
         # [Hkv, group * Lq, D] queries; the mask repeats for every head of the group.
         qp = q[rows].view(span.query_len, num_kv, group, head_dim).permute(1, 2, 0, 3)
         qp = qp.reshape(num_kv, group * span.query_len, head_dim)
-        mask = prefill_mask(span, window).repeat(group, 1)
+        mask = prefill_mask(span, meta.window).repeat(group, 1)
         op = F.scaled_dot_product_attention(qp, kc, vc, attn_mask=mask, scale=scale)
         out[rows] = op.view(num_kv, group, span.query_len, head_dim).permute(2, 0, 1, 3).reshape(span.query_len, num_heads, head_dim)
     return out
@@ -87,42 +86,57 @@ def _slots(block_ids: list[int], start: int, n: int, block_size: int) -> torch.T
     return table[pos // block_size] * block_size + pos % block_size
 
 
-def _decode_groups(decodes: list[ScheduledTokens], block_size: int, device: torch.device) -> list[DecodeGroup]:
-    """Decodes sorted by block count, split into groups of similar length (bounded padding in the gather)."""
+def _first_block(start: int, window: int | None, block_size: int) -> int:
+    """The first block a query at ``start`` (or later) reads."""
+    return 0 if window is None else max(0, start - window + 1) // block_size
+
+
+def _decode_groups(decodes: list[ScheduledTokens], group: int, window: int | None, block_size: int, device: torch.device) -> list[DecodeGroup]:
+    """Decodes (sorted by length) split into groups of similar block count, each row's table cut to the blocks it reads."""
+    firsts = [_first_block(s.start, window, block_size) for s in decodes]
+    tables = [s.block_ids[group][first : s.start // block_size + 1] for s, first in zip(decodes, firsts)]
     groups, start = [], 0
-    for size in group_by_length([len(s.block_ids) for s in decodes]):
-        rows = decodes[start : start + size]
-        width = len(rows[-1].block_ids)
-        flat = torch.tensor([b for s in rows for b in s.block_ids + [0] * (width - len(s.block_ids))], dtype=torch.long, device=device)
-        pos = torch.tensor([s.start for s in rows], dtype=torch.long, device=device)
-        groups.append(DecodeGroup(start, flat, pos + 1, pos, block_size))
+    for size in group_by_length([len(t) for t in tables]):
+        rows = range(start, start + size)
+        width = max(len(tables[i]) for i in rows)
+        flat = torch.tensor([b for i in rows for b in tables[i] + [0] * (width - len(tables[i]))], dtype=torch.long, device=device)
+        pos = torch.tensor([decodes[i].start for i in rows], dtype=torch.long, device=device)
+        key_starts = None if window is None else torch.tensor([firsts[i] * block_size for i in rows], dtype=torch.long, device=device)
+        groups.append(DecodeGroup(start, flat, pos + 1, pos, block_size, window, key_starts))
         start += size
     return groups
 
 
 class PagedAttentionBackend(AttentionBackend):
-    """Decodes first, grouped by length; then each prefill chunk, attending over its gathered context."""
+    """Decodes first, shortest first and grouped by length; then each prefill chunk, attending over its gathered context."""
 
     name = "paged"
 
-    def plan(self, seqs: list[ScheduledTokens], block_size: int, device: torch.device) -> tuple[list[ScheduledTokens], AttentionMetadata]:
-        decodes = sorted((s for s in seqs if s.num_tokens == 1), key=lambda s: len(s.block_ids))
+    def plan(self, seqs: list[ScheduledTokens], block_size: int, windows: list[int | None],
+             device: torch.device) -> tuple[list[ScheduledTokens], list[AttentionMetadata]]:
+        decodes = sorted((s for s in seqs if s.num_tokens == 1), key=lambda s: s.start)
         prefills = [s for s in seqs if s.num_tokens > 1]
-        ordered = decodes + prefills
-        parts = [_slots(s.block_ids, s.start, s.num_tokens, block_size) for s in prefills]
+        metas = [self._metadata(decodes, prefills, g, window, block_size, device) for g, window in enumerate(windows)]
+        return decodes + prefills, metas
+
+    @staticmethod
+    def _metadata(decodes: list[ScheduledTokens], prefills: list[ScheduledTokens], group: int, window: int | None, block_size: int,
+                  device: torch.device) -> AttentionMetadata:
+        parts = [_slots(s.block_ids[group], s.start, s.num_tokens, block_size) for s in prefills]
         if decodes:  # one vectorised op for all decodes, however many
             pos = torch.tensor([s.start for s in decodes], dtype=torch.long)
-            last = torch.tensor([s.block_ids[s.start // block_size] for s in decodes], dtype=torch.long)
+            last = torch.tensor([s.block_ids[group][s.start // block_size] for s in decodes], dtype=torch.long)
             parts.insert(0, last * block_size + pos % block_size)
         slots = torch.cat(parts).to(device)
         spans, offset = [], len(decodes)
         for s in prefills:
             ctx = s.start + s.num_tokens
-            gather = None if s.start == 0 else _slots(s.block_ids, 0, ctx, block_size).to(device)
-            spans.append(PrefillSpan(offset, s.num_tokens, ctx, gather, torch.arange(s.start, ctx, device=device)))
+            key_start = _first_block(s.start, window, block_size) * block_size if s.start else 0
+            gather = None if s.start == 0 else _slots(s.block_ids[group], key_start, ctx - key_start, block_size).to(device)
+            spans.append(PrefillSpan(offset, s.num_tokens, ctx, gather, torch.arange(s.start, ctx, device=device), key_start))
             offset += s.num_tokens
-        return ordered, AttentionMetadata(slots, len(decodes), _decode_groups(decodes, block_size, device), spans)
+        return AttentionMetadata(slots, len(decodes), _decode_groups(decodes, group, window, block_size, device), spans, window)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float, window: int | None) -> torch.Tensor:
-        return paged_attention(q, k, v, k_cache, v_cache, meta, scale, window)
+                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        return paged_attention(q, k, v, k_cache, v_cache, meta, scale)

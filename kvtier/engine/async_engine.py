@@ -14,7 +14,8 @@ import logging
 import queue
 import threading
 
-from kvtier.engine.llm_engine import LLMEngine, PromptInput
+from kvtier.engine.input_processor import EngineInput, PromptInput
+from kvtier.engine.llm_engine import LLMEngine
 from kvtier.engine.metrics import engine_metrics
 from kvtier.errors import KvtierError
 from kvtier.outputs import RequestOutput
@@ -77,17 +78,15 @@ class AsyncLLMEngine:
         self._thread.start()
 
     # ---- called from the event loop ----------------------------------------------------------
-    def validate(self, prompt: PromptInput, params: SamplingParams) -> dict:
-        """Raise ``InvalidArgumentError`` for a bad request before anything is queued; return it tokenized.
+    def validate(self, prompt: PromptInput | EngineInput, params: SamplingParams) -> EngineInput:
+        """Raise ``InvalidArgumentError`` for a bad request before anything is queued; return it checked and tokenized.
 
-        The result (``{"prompt_token_ids": [...], "prompt": text}``) is what ``submit`` takes and hands on,
-        so a text prompt is tokenized once, here, and only its ids are checked again later.
+        The result is what ``submit`` takes and hands on as it is, so a text prompt is tokenized once, here.
         """
-        self.engine.check_params(params)
-        text, ids = self.engine.tokenize_prompt(prompt)
-        return {"prompt_token_ids": ids, "prompt": text}
+        return self.engine.inputs.process(prompt, params)
 
-    def submit(self, prompts: list[PromptInput], params: SamplingParams, request_ids: list[str] | None = None, stream: bool = True) -> RequestStream:
+    def submit(self, prompts: list[PromptInput | EngineInput], params: SamplingParams, request_ids: list[str] | None = None,
+               stream: bool = True) -> RequestStream:
         """Queue one request per prompt and return their outputs' stream; bad input or a full queue raises first, queuing nothing."""
         prompts = [self.validate(p, params) for p in prompts]
         if self.max_queue_len is not None and self._metrics["num_requests_waiting"] + self._ops.qsize() + len(prompts) > self.max_queue_len:

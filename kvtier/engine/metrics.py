@@ -9,29 +9,31 @@ if TYPE_CHECKING:
 
 
 def kv_waste_slots(engine: LLMEngine) -> int:
-    """Slots reserved in live blocks but holding no token (a shared block counts once)."""
-    bs = engine.kv.block_size
-    filled: dict[int, int] = {}
-    for req in engine.requests.values():
-        for s in req.live_seqs:
-            table = engine.kv.tables.get(s.seq_id)
-            if not table:
-                continue
-            n = len(s.token_ids)
-            for i, block in enumerate(table):
-                used = max(0, min(bs, n - i * bs))
-                if used > filled.get(block.block_id, -1):
-                    filled[block.block_id] = used
-    return sum(bs - used for used in filled.values())
+    """Slots reserved in live blocks but holding no token, summed over layer groups (a shared block counts once)."""
+    waste = 0
+    for m in engine.kv.managers:
+        bs = m.block_size
+        filled: dict[int, int] = {}
+        for req in engine.requests.values():
+            for s in req.live_seqs:
+                n = len(s.token_ids)
+                for i, block in enumerate(m.tables.get(s.seq_id, ())):
+                    used = max(0, min(bs, n - i * bs))
+                    if block is not None and used > filled.get(block.block_id, -1):
+                        filled[block.block_id] = used
+        waste += sum(bs - used for used in filled.values())
+    return waste
 
 
 def engine_metrics(engine: LLMEngine, with_waste: bool = True) -> dict[str, float]:
-    """Everything in one dict; ``with_waste=False`` skips the one figure that walks every block table."""
+    """Everything in one dict; ``with_waste=False`` skips the one figure that walks every block table. Block counts add
+    up the layer groups' pools; usage weighs each group by its bytes."""
     kv, sched, plan = engine.kv, engine.scheduler, engine.memory_plan
-    pool = kv.pool
-    used = pool.num_blocks - pool.num_free
-    pc = kv.prefix_cache
-    slots = pool.num_blocks * kv.block_size
+    pools = [m.pool for m in kv.managers]
+    total = sum(p.num_blocks for p in pools)
+    used = sum(p.num_blocks - p.num_free for p in pools)
+    cached = sum(p.num_cached_unused for p in pools)
+    used_bytes = sum((p.num_blocks - p.num_free) * g.bytes_per_block for p, g in zip(pools, plan.groups))
     out = {
         "num_requests_running": len(sched.running),
         "num_requests_waiting": len(sched.waiting),
@@ -41,20 +43,20 @@ def engine_metrics(engine: LLMEngine, with_waste: bool = True) -> dict[str, floa
         "generation_tokens": engine.counters["generation_tokens"],
         "requests_finished": engine.counters["requests_finished"],
         "requests_aborted": engine.counters["requests_aborted"],
-        "prefix_cache_queries": pc.queries if pc else 0,
-        "prefix_cache_hits": pc.hits if pc else 0,
-        "kv_cache_usage_perc": kv.usage(),
-        "kv_blocks_total": pool.num_blocks,
+        "prefix_cache_queries": kv.prefix_queries,
+        "prefix_cache_hits": kv.prefix_hits,
+        "kv_cache_usage_perc": used_bytes / max(1, sum(g.num_blocks * g.bytes_per_block for g in plan.groups)),
+        "kv_blocks_total": total,
         "kv_blocks_used": used,
-        "kv_blocks_free": pool.num_free - pool.num_cached_unused,
-        "kv_blocks_cached": pool.num_cached_unused,
-        "kv_host_blocks_total": kv.host_pool.num_blocks,
-        "kv_host_blocks_used": kv.host_pool.num_blocks - kv.host_pool.num_free,
+        "kv_blocks_free": sum(p.num_free for p in pools) - cached,
+        "kv_blocks_cached": cached,
+        "kv_host_blocks_total": sum(m.host_pool.num_blocks for m in kv.managers),
+        "kv_host_blocks_used": sum(m.host_pool.num_blocks - m.host_pool.num_free for m in kv.managers),
         "kv_bytes_per_token": plan.bytes_per_token,
     }
     if with_waste:
         waste = kv_waste_slots(engine)
         out["kv_waste_slots"] = waste
-        out["kv_waste_fraction_of_pool"] = waste / slots
+        out["kv_waste_fraction_of_pool"] = waste / (total * kv.block_size)
         out["kv_waste_fraction_of_used"] = waste / max(1, used * kv.block_size)
     return out

@@ -1,4 +1,4 @@
-"""Turns a ``StepInput`` into tensors, runs the model once, and returns only the logits needed.
+"""Turns a ``SchedulerOutput`` into tensors, runs the model once, and returns only the logits needed.
 
 It knows the model, the KV storage and the attention backend, and nothing of the scheduler or the
 cache managers: every step arrives as plain data.
@@ -14,7 +14,7 @@ from torch import nn
 from kvtier.attention.backend import AttentionBackend
 from kvtier.attention.metadata import ScheduledTokens
 from kvtier.cache.kv_storage import KVStorage
-from kvtier.engine.step_input import StepInput
+from kvtier.engine.scheduler_output import SchedulerOutput
 
 
 @dataclass
@@ -24,24 +24,28 @@ class StepLogits:
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, storage: KVStorage, device: torch.device, backend: AttentionBackend) -> None:
+    def __init__(self, model: nn.Module, storage: KVStorage, windows: list[int | None], device: torch.device, backend: AttentionBackend) -> None:
+        """``windows``: each layer group's sliding window (None for full attention), in the storage's group order."""
         self.model = model
         self.backend = backend
         self.storage = storage
+        self.windows = windows
         self.device = device
         self.block_size = storage.block_size
         self.kv_caches = storage.layer_caches()
+        self.layer_groups = storage.layer_groups()
 
     @torch.inference_mode()
-    def execute(self, step: StepInput) -> StepLogits:
+    def execute(self, step: SchedulerOutput) -> StepLogits:
         """Do the step's block moves, then the forward; an empty step only moves blocks."""
         self.storage.apply(step.ops)
         if not step.seqs:
             return StepLogits({}, {})
-        ordered, meta = self.backend.plan(list(step.seqs), self.block_size, self.device)
+        ordered, group_metas = self.backend.plan(list(step.seqs), self.block_size, self.windows, self.device)
         ids = [t for s in ordered for t in s.token_ids]
         positions = [p for s in ordered for p in range(s.start, s.start + s.num_tokens)]
-        hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device), self.kv_caches, meta)
+        metas = [group_metas[g] for g in self.layer_groups]
+        hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device), self.kv_caches, metas)
         return self._logits(ordered, hidden, step.sample_ids, step.prompt_logit_ids)
 
     def _logits(self, ordered: list[ScheduledTokens], hidden: torch.Tensor, sample_ids: frozenset[int], prompt_logit_ids: frozenset[int]) -> StepLogits:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from kvtier.engine.beam_search import ranked_beams
+from kvtier.engine.branching import ranked_beams
 from kvtier.engine.sequence import Request, Sequence
 from kvtier.outputs import CompletionOutput, Logprob, RequestOutput
 from kvtier.tokenizer import IncrementalDetokenizer, Tokenizer, find_stop

@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from kvtier.cache.kv_cache_manager import KVCacheManager
+from kvtier.attention.metadata import ScheduledTokens
+from kvtier.cache.coordinator import KVCacheCoordinator, PrefixHit
+from kvtier.engine.scheduler_output import SchedulerOutput
 from kvtier.engine.sequence import Request, RequestStatus, Sequence
 
 
@@ -25,10 +27,13 @@ class Chunk:
 
 
 @dataclass
-class SchedulerOutput:
+class StepPlan:
+    """The scheduler's decision over live requests, kept by the engine to update them; ``output`` is what the runner gets."""
+
     chunks: list[Chunk] = field(default_factory=list)
     to_sample: list[Request] = field(default_factory=list)  # every live sequence ends its prompt/decode this step
     num_preempted: int = 0
+    output: SchedulerOutput | None = None
 
     @property
     def empty(self) -> bool:
@@ -36,7 +41,7 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, enable_chunked_prefill: bool, preemption_mode: str) -> None:
+    def __init__(self, kv: KVCacheCoordinator, max_num_seqs: int, max_num_batched_tokens: int, enable_chunked_prefill: bool, preemption_mode: str) -> None:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -45,7 +50,6 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.swapped: deque[Request] = deque()
-        self.watermark = max(1, kv.pool.num_blocks // 100)  # headroom so admissions do not cause immediate preemption
         self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
@@ -63,8 +67,8 @@ class Scheduler:
             self.running.remove(request)
 
     # ---- one step --------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+    def schedule(self) -> StepPlan:
+        out = StepPlan()
         budget = self.max_num_batched_tokens
         scheduled: list[Request] = []
         queue = list(self.running)
@@ -88,7 +92,16 @@ class Scheduler:
             budget = self._swap_in(budget, out)
         if not self.swapped and not out.num_preempted:
             self._admit(budget, out)
+        out.output = self._output(out)
         return out
+
+    def _output(self, plan: StepPlan) -> SchedulerOutput:
+        """The plan as the runner's plain data, with the block moves the cache decided for it."""
+        seqs = tuple(ScheduledTokens(c.seq.seq_id, c.seq.token_ids[c.start : c.start + c.num_tokens], c.start, self.kv.block_ids(c.seq.seq_id))
+                     for c in plan.chunks)
+        sample_ids = frozenset(s.seq_id for r in plan.to_sample for s in r.live_seqs)
+        want_prompt = frozenset(c.seq.seq_id for c in plan.chunks if c.request.wants_prompt_logits(c.seq, c.start))
+        return SchedulerOutput(seqs, sample_ids, want_prompt, self.kv.take_ops())
 
     def _plan(self, req: Request, budget: int) -> list[tuple[Sequence, int]] | None:
         """Tokens per live sequence: all remaining when the whole request fits, else a chunk that samples nothing."""
@@ -109,7 +122,7 @@ class Scheduler:
     def _allocate(self, req: Request, plan: list[tuple[Sequence, int]]) -> bool:
         return all(self.kv.allocate(s.seq_id, s.num_computed_tokens, s.num_computed_tokens + n) for s, n in plan)
 
-    def _emit(self, req: Request, plan: list[tuple[Sequence, int]], out: SchedulerOutput) -> int:
+    def _emit(self, req: Request, plan: list[tuple[Sequence, int]], out: StepPlan) -> int:
         used = 0
         for s, n in plan:
             out.chunks.append(Chunk(req, s, s.num_computed_tokens, n))
@@ -133,13 +146,12 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)
 
-    def _swap_in(self, budget: int, out: SchedulerOutput) -> int:
+    def _swap_in(self, budget: int, out: StepPlan) -> int:
         while self.swapped and len(self.running) < self.max_num_seqs:
             req = self.swapped[0]
             seq_ids = [s.seq_id for s in req.live_seqs]
             plan = self._plan(req, budget)
-            # room for the swapped blocks plus one new or copied block per sequence
-            if plan is None or not self.kv.can_swap_in(seq_ids, reserve=2 * len(seq_ids) + self.watermark):
+            if plan is None or not self.kv.can_swap_in(seq_ids):
                 break
             self.swapped.popleft()
             self.kv.swap_in(seq_ids)
@@ -150,15 +162,15 @@ class Scheduler:
             budget -= self._emit(req, plan, out)
         return budget
 
-    def _admit(self, budget: int, out: SchedulerOutput) -> None:
+    def _admit(self, budget: int, out: StepPlan) -> None:
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             req = self.waiting[0]
-            prefixes = {}
+            prefixes: dict[int, PrefixHit] = {}
             for s in req.live_seqs:
-                if s.num_computed_tokens == 0 and s.seq_id not in self.kv.tables:
+                if s.num_computed_tokens == 0 and not self.kv.has(s.seq_id):
                     prefixes[s.seq_id] = self.kv.computed_prefix(s.token_ids)
             for s in req.live_seqs:
-                s.num_computed_tokens = len(prefixes.get(s.seq_id, ())) * self.kv.block_size
+                s.num_computed_tokens = self._hit_tokens(prefixes, s)
             plan = self._plan(req, budget)
             if plan is None or not self._admit_blocks(req, plan, prefixes):
                 for s in req.live_seqs:
@@ -166,16 +178,19 @@ class Scheduler:
                 break
             self.waiting.popleft()
             for s in req.live_seqs:
-                hit = len(prefixes.get(s.seq_id, ())) * self.kv.block_size
-                self.kv.record_prefix_lookup(len(s.token_ids), hit)
+                self.kv.record_prefix_lookup(len(s.token_ids), self._hit_tokens(prefixes, s))
             if req.metrics.first_scheduled_time is None:
                 req.num_cached_tokens = req.seqs[0].num_computed_tokens
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             budget -= self._emit(req, plan, out)
 
-    def _admit_blocks(self, req: Request, plan: list[tuple[Sequence, int]], prefixes: dict) -> bool:
-        """Allocate every planned sequence (keeping the watermark free) or none."""
+    def _hit_tokens(self, prefixes: dict[int, PrefixHit], seq: Sequence) -> int:
+        hit = prefixes.get(seq.seq_id)
+        return hit.num_blocks * self.kv.block_size if hit else 0
+
+    def _admit_blocks(self, req: Request, plan: list[tuple[Sequence, int]], prefixes: dict[int, PrefixHit]) -> bool:
+        """Allocate every planned sequence (keeping the watermark free while others run) or none."""
         planned = dict((s.seq_id, n) for s, n in plan)
-        wanted = [(s.seq_id, s.num_computed_tokens + planned.get(s.seq_id, 0), prefixes.get(s.seq_id, ())) for s in req.live_seqs]
-        return self.kv.admit(wanted, reserve=self.watermark if self.running else 0)
+        wanted = [(s.seq_id, s.num_computed_tokens + planned.get(s.seq_id, 0), prefixes.get(s.seq_id)) for s in req.live_seqs]
+        return self.kv.admit(wanted, keep_watermark=bool(self.running))

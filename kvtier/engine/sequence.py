@@ -83,3 +83,9 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
+
+    def wants_prompt_logits(self, seq: Sequence, start: int) -> bool:
+        """Whether a chunk of ``seq`` from ``start`` needs logits at every position: prompt_logprobs not yet all computed."""
+        prompt_len = self.seqs[0].prompt_len
+        return (self.params.prompt_logprobs is not None and seq.index == 0 and start < prompt_len - 1
+                and (self.prompt_logprobs is None or len(self.prompt_logprobs) < prompt_len))

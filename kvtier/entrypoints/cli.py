@@ -111,10 +111,17 @@ def cmd_info(ns: argparse.Namespace) -> int:
             "kv_budget_bytes": plan.budget_bytes,
             "kv_bytes_per_token": plan.bytes_per_token,
             "block_size": plan.block_size,
-            "bytes_per_block": plan.bytes_per_block,
-            "num_blocks": plan.num_blocks,
-            "num_host_blocks": plan.num_host_blocks,
-            "max_cached_tokens": plan.num_blocks * plan.block_size,
+            "groups": [{
+                "kind": g.group.spec.label,
+                "layers": list(g.group.layers),
+                "kv_bytes_per_token": g.group.bytes_per_token,
+                "budget_bytes": g.budget_bytes,
+                "share": g.budget_bytes / max(1, plan.budget_bytes),
+                "bytes_per_block": g.bytes_per_block,
+                "num_blocks": g.num_blocks,
+                "num_host_blocks": g.num_host_blocks,
+                "max_cached_tokens": g.num_blocks * plan.block_size,
+            } for g in plan.groups],
         },
         "kv_cache": {k: v for k, v in engine_metrics(engine).items() if k.startswith("kv_")},
     }
@@ -139,12 +146,15 @@ def info_summary(model: str, info: dict) -> str:
         ("architecture", f"{info['architecture']}, {info['parameters'] / 1e6:.2f} M parameters, {info['dtype']} on {info['device']}"),
         ("attention", f"{info['layers']} layers, {info['heads']} heads, {info['kv_heads']} KV heads of dimension {info['head_dim']}"),
         ("context", f"{info['max_model_len']} tokens"),
-        ("KV per token", f"{_size(plan['kv_bytes_per_token'])} ({_size(plan['bytes_per_block'])} per block of {plan['block_size']} tokens)"),
-        ("KV budget", f"{_size(plan['kv_budget_bytes'])}: {plan['num_blocks']} blocks, {plan['max_cached_tokens']} tokens"),
-        ("swap space", f"{plan['num_host_blocks']} host blocks"),
-        ("blocks now", f"{kv['kv_blocks_free']} free, {kv['kv_blocks_cached']} cached, {kv['kv_blocks_used']} used"),
+        ("KV per token", f"{_size(plan['kv_bytes_per_token'])} in blocks of {plan['block_size']} tokens"),
+        ("KV budget", f"{_size(plan['kv_budget_bytes'])}, split among {len(plan['groups'])} layer group(s):"),
     ]
-    return "\n".join(f"{label:<15}{value}" for label, value in rows) + "\n(--json prints all of this as JSON)"
+    for g in plan["groups"]:
+        rows.append((f"  {g['kind']}", f"{len(g['layers'])} layers, {g['share']:.0%} = {_size(g['budget_bytes'])}: {g['num_blocks']} blocks "
+                                       f"of {_size(g['bytes_per_block'])}, {g['max_cached_tokens']} tokens; {g['num_host_blocks']} host blocks"))
+    rows.append(("blocks now", f"{kv['kv_blocks_free']} free, {kv['kv_blocks_cached']} cached, {kv['kv_blocks_used']} used"))
+    width = max(len(label) for label, _ in rows) + 3
+    return "\n".join(f"{label:<{width}}{value}" for label, value in rows) + "\n(--json prints all of this as JSON)"
 
 
 def cmd_make_checkpoint(ns: argparse.Namespace) -> int:

@@ -7,7 +7,8 @@ from collections.abc import Iterator, Sequence
 from tqdm.auto import tqdm
 
 from kvtier.config import EngineArgs
-from kvtier.engine.llm_engine import LLMEngine, PromptInput
+from kvtier.engine.input_processor import PromptInput
+from kvtier.engine.llm_engine import LLMEngine
 from kvtier.engine.metrics import engine_metrics
 from kvtier.errors import InvalidArgumentError
 from kvtier.models.embedded import DEFAULT_MODEL
@@ -45,10 +46,8 @@ class LLM:
         if not prompt_list:
             raise InvalidArgumentError("prompts", "must hold at least one prompt")
         params = self._params_per_prompt(sampling_params, len(prompt_list))
-        for p, sp in zip(prompt_list, params):  # validate everything before queueing anything
-            self.engine.check_params(sp)
-            self.engine.tokenize_prompt(p)
-        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompt_list, params)]
+        inputs = [self.engine.inputs.process(p, sp) for p, sp in zip(prompt_list, params)]  # check everything before queueing anything
+        ids = [self.engine.add_request(inp, sp) for inp, sp in zip(inputs, params)]
         return self._run(ids, use_tqdm)
 
     def beam_search(self, prompts: PromptInput | Sequence[PromptInput], params: BeamSearchParams) -> list[RequestOutput]:

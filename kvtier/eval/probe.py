@@ -1,4 +1,5 @@
-"""Run retrieval probes on a transformers model: the haystack prefilled, the question fed through decode.
+"""Run retrieval probes on a transformers model (the haystack prefilled, the question fed through decode) or through
+kvtier's engine (the whole prompt prefilled).
 
 Feeding the question one token at a time is how a KV-cache method that acts after prefill (eviction,
 selection) must be measured: the question's tokens see only what the method kept. With the full cache
@@ -8,12 +9,17 @@ it gives the same answer as one prefill; it is the protocol the method compariso
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from kvtier.eval.retrieval import RetrievalSample, TokenEncoder, make_sample
+from kvtier.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from kvtier.entrypoints.llm import LLM
 
 
 @dataclass(frozen=True)
@@ -72,11 +78,32 @@ def probe_replies(model: torch.nn.Module, tokenizer: TokenEncoder, decode, task:
 def run_probe(model: torch.nn.Module, tokenizer: TokenEncoder, decode, task: str, context_tokens: int, trials: int, seed: int = 0,
               max_new_tokens: int = 12) -> ProbeResult:
     """Accuracy of ``task`` at ``context_tokens`` over the replies of :func:`probe_replies`, overall and by depth."""
+    return score(task, context_tokens, probe_replies(model, tokenizer, decode, task, context_tokens, trials, seed, max_new_tokens))
+
+
+def engine_replies(llm: LLM, tokenizer: TokenEncoder, task: str, context_tokens: int, trials: int, seed: int = 0,
+                   max_new_tokens: int = 12) -> list[tuple[RetrievalSample, str]]:
+    """The samples of :func:`probe_replies`, answered by kvtier's engine: all trials in one batch, each whole prompt
+    prefilled (in chunks, as the engine schedules it) and the answer decoded greedily up to EOS."""
+    samples = [make_sample(task, tokenizer, context_tokens, depth, seed + i) for i, depth in enumerate(trial_depths(trials))]
+    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+    outs = llm.generate([{"prompt_token_ids": list(tokenizer.encode(s.prompt))} for s in samples], params, use_tqdm=False)
+    return [(s, o.outputs[0].text) for s, o in zip(samples, outs)]
+
+
+def run_engine_probe(llm: LLM, tokenizer: TokenEncoder, task: str, context_tokens: int, trials: int, seed: int = 0,
+                     max_new_tokens: int = 12) -> ProbeResult:
+    """Accuracy of ``task`` at ``context_tokens`` over the replies of :func:`engine_replies`, overall and by depth."""
+    return score(task, context_tokens, engine_replies(llm, tokenizer, task, context_tokens, trials, seed, max_new_tokens))
+
+
+def score(task: str, context_tokens: int, replies: Iterable[tuple[RetrievalSample, str]]) -> ProbeResult:
+    """Accuracy over (sample, reply) pairs, overall and by depth."""
     hits: dict[float, list[bool]] = defaultdict(list)
-    for sample, reply in probe_replies(model, tokenizer, decode, task, context_tokens, trials, seed, max_new_tokens):
+    for sample, reply in replies:
         hits[sample.depth].append(sample.is_correct(reply))
     total = [h for v in hits.values() for h in v]
-    return ProbeResult(task, context_tokens, trials, sum(total) / len(total), {d: sum(v) / len(v) for d, v in sorted(hits.items())})
+    return ProbeResult(task, context_tokens, len(total), sum(total) / len(total), {d: sum(v) / len(v) for d, v in sorted(hits.items())})
 
 
 @torch.inference_mode()

@@ -139,15 +139,21 @@ def build_random_checkpoint(
     dtype: str = "float32",
     seed: int = 0,
     tokenizer_vocab_size: int = 4096,
+    sliding_window: int = 0,
 ) -> Path:
     """Write a complete random-weight HF checkpoint folder at ``path`` (created if needed) and return it.
 
-    ``architecture`` is ``LlamaForCausalLM`` or ``MistralForCausalLM`` (full attention). Token ids 0, 1, 2
+    ``architecture`` is ``LlamaForCausalLM`` or ``MistralForCausalLM`` (full attention, or a ``sliding_window`` of that
+    many tokens in every layer; 0: none). Token ids 0, 1, 2
     are ``<s>`` (bos), ``</s>`` (eos), ``<pad>``. The same arguments and Python version give byte-identical files.
     Raises InvalidArgumentError naming the first bad argument, before anything is written.
     """
     _validate(architecture, hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, intermediate_size,
               vocab_size, max_position_embeddings, tie_word_embeddings, seed, tokenizer_vocab_size)
+    if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 0:
+        raise InvalidArgumentError("sliding_window", f"must be a non-negative integer (0: full attention), got {sliding_window!r}")
+    if sliding_window and architecture != "MistralForCausalLM":
+        raise InvalidArgumentError("sliding_window", f"must be 0 for {architecture}; only MistralForCausalLM has a sliding window")
     torch_dtype = parse_dtype(dtype)
     dtype_name = str(torch_dtype).removeprefix("torch.")
     model_type, arch_keys = _ARCHITECTURES[architecture]
@@ -179,6 +185,7 @@ def build_random_checkpoint(
         "rope_theta": rope_theta,
         "torch_dtype": dtype_name,
         **arch_keys,
+        **({"sliding_window": sliding_window} if sliding_window else {}),
     }
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

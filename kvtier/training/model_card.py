@@ -19,7 +19,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from tqdm import tqdm
 
 from kvtier.eval.perplexity import perplexity
-from kvtier.eval.probe import ProbeResult, run_probe
+from kvtier.eval.probe import ProbeResult, run_engine_probe, run_probe
+from kvtier.models.registry import MODEL_REGISTRY
 from kvtier.training.data import COPY_SEGMENT, MULTIKEY_DISTRACTORS, VARTRACK_HOPS, TokenIds
 
 CONTEXTS = (512, 1024, 2048, 4096)
@@ -54,6 +55,8 @@ def evaluate(folder: Path, validation: np.ndarray, trials: int, contexts: tuple[
         results["retrieval"].append({"task": task, "context_tokens": n, "trials": trials, "accuracy": r.accuracy, "by_depth": r.by_depth})
         cells.write(f"{task}@{n}: {r.accuracy:.0%}")
     results["fibonacci"] = fibonacci
+    if model.config.architectures[0] in MODEL_REGISTRY:  # the engine runs it: the card shows the engine's answers too
+        results["engine_retrieval"] = engine_retrieval(folder, trials, contexts, seed)
     results["eval_seconds"] = time.perf_counter() - start
     (folder / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return results
@@ -80,6 +83,65 @@ def _retrieval_table(results: dict) -> str:
         acc = {r["context_tokens"]: r["accuracy"] for r in results["retrieval"] if r["task"] == task}
         lines.append(f"| {task} | " + " | ".join(f"{100 * acc[n]:.0f}%" for n in contexts) + " |")
     return "\n".join(lines)
+
+
+ENGINE_BEGIN = "<!-- engine-retrieval -->"
+ENGINE_END = "<!-- /engine-retrieval -->"
+
+
+def engine_retrieval(folder: Path, trials: int, contexts: tuple[int, ...] = CONTEXTS, seed: int = 1234) -> list[dict]:
+    """The card's retrieval cells answered through kvtier's engine (fp32, as the transformers figures): same samples."""
+    from kvtier.entrypoints.llm import LLM
+
+    llm = LLM(str(folder), dtype="float32", max_model_len=max(contexts) + 64)
+    ids = TokenIds(HFTokenizer.from_file(str(folder / "tokenizer.json")))
+    cells = []
+    for task, n in tqdm([(task, n) for task in TASKS for n in contexts], desc=f"engine {folder.name}", unit="cell"):
+        r = run_engine_probe(llm, ids, task, n, trials, seed)
+        cells.append({"task": task, "context_tokens": n, "trials": trials, "accuracy": r.accuracy, "by_depth": r.by_depth})
+    return cells
+
+
+def engine_section(results: dict) -> str:
+    """The card's section comparing kvtier's engine with transformers on the same samples; empty before it is measured."""
+    cells = results.get("engine_retrieval")
+    if not cells:
+        return ""
+    contexts = sorted({r["context_tokens"] for r in cells})
+    hf = {(r["task"], r["context_tokens"]): r["accuracy"] for r in results["retrieval"]}
+    mine = {(r["task"], r["context_tokens"]): r["accuracy"] for r in cells}
+    lines = ["| task | " + " | ".join(f"{n} tokens" for n in contexts) + " |", "| --- |" + " --- |" * len(contexts)]
+    for task in TASKS:
+        lines.append(f"| {task} | " + " | ".join(f"{100 * hf[task, n]:.0f}% / **{100 * mine[task, n]:.0f}%**" for n in contexts) + " |")
+    table = "\n".join(lines)
+    return f"""
+{ENGINE_BEGIN}
+### Through kvtier's engine
+
+The same samples answered by kvtier's engine (`LLM.generate`, greedy, fp32), in **bold**, beside the
+transformers figures above: one batch of {cells[0]['trials']} prompts per cell, each prompt (haystack and
+question) prefilled in the engine's chunks, then the answer decoded. {results.get('engine_note', '')}
+
+{table}
+{ENGINE_END}
+"""
+
+
+def add_engine_retrieval(folder: Path, trials: int, contexts: tuple[int, ...] = CONTEXTS, note: str = "") -> dict:
+    """Measure the engine column of an existing card and write it into ``eval_results.json`` and the card."""
+    results = json.loads((folder / "eval_results.json").read_text())
+    results["engine_retrieval"] = engine_retrieval(folder, trials, contexts)
+    results["engine_note"] = note
+    (folder / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    section = engine_section(results)
+    if ENGINE_BEGIN in card:
+        card = card[: card.index(ENGINE_BEGIN) - 1] + section + card[card.index(ENGINE_END) + len(ENGINE_END) + 1:]
+    else:
+        at = card.index("## Greedy continuation")
+        card = card[:at].rstrip("\n") + "\n" + section + "\n" + card[at:]
+    (folder / "README.md").write_text(card, encoding="utf-8")
+    return results
 
 
 def _depth_table(results: dict, task: str) -> str:
@@ -204,7 +266,7 @@ Multi-key needle accuracy by depth:
 
 The training rows are {training['seq_len']} tokens long; the 4,096-token column measures length
 extrapolation past that, which the model was not trained for.
-
+{engine_section(results)}
 ## Greedy continuation of `def fibonacci(n):`
 
 ```python

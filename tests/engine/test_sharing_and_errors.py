@@ -7,6 +7,7 @@ import json
 import pytest
 
 from kvtier import LLM, InvalidArgumentError, ModelNotFoundError, SamplingParams, UnsupportedArchitectureError
+from kvtier.engine.metrics import engine_metrics
 from kvtier.models.checkpoint_builder import build_random_checkpoint
 
 
@@ -23,7 +24,7 @@ def peak_blocks(llm: LLM, prompt: list[int], params: SamplingParams) -> int:
     peak = 0
     while engine.has_unfinished_requests():
         engine.step()
-        peak = max(peak, engine.kv.pool.num_blocks - engine.kv.pool.num_free)
+        peak = max(peak, engine_metrics(engine, with_waste=False)["kv_blocks_used"])
     return peak
 
 

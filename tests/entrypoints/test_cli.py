@@ -39,8 +39,10 @@ def test_info_reports_the_memory_plan(model_dir):
     per_token = 2 * 2 * 2 * 16 * 4  # K+V, layers, kv heads, head_dim, fp32
     assert info["architecture"] == "LlamaForCausalLM"
     assert info["memory_plan"]["kv_bytes_per_token"] == per_token
-    assert info["memory_plan"]["num_blocks"] == (1 << 20) // (per_token * 16)
-    assert info["kv_cache"]["kv_blocks_free"] == info["memory_plan"]["num_blocks"]
+    [group] = info["memory_plan"]["groups"]
+    assert group["kind"] == "full attention" and group["layers"] == [0, 1] and group["share"] == 1.0
+    assert group["num_blocks"] == (1 << 20) // (per_token * 16)
+    assert info["kv_cache"]["kv_blocks_free"] == group["num_blocks"]
     emb, layer = 4096 * 64, 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 64
     assert info["parameters"] == 2 * emb + 2 * layer + 64
 
@@ -65,10 +67,11 @@ def test_info_reads_as_a_summary_by_default(model_dir):
     assert r.returncode == 0, r.stderr
     per_token = 2 * 2 * 2 * 16 * 4  # K+V, layers, kv heads, head_dim, fp32
     blocks = (1 << 20) // (per_token * 16)
-    rows = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in r.stdout.splitlines() if not line.startswith("("))
+    rows = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in r.stdout.splitlines() if not line.startswith("("))
     assert rows["architecture"].startswith("LlamaForCausalLM")
-    assert rows["KV budget"] == f"1.0 MiB: {blocks} blocks, {blocks * 16} tokens"
-    assert per_token == 512 and rows["KV per token"] == "512 B (8.0 KiB per block of 16 tokens)"
+    assert rows["KV budget"] == "1.0 MiB, split among 1 layer group(s):"
+    assert rows["full attention"] == f"2 layers, 100% = 1.0 MiB: {blocks} blocks of 8.0 KiB, {blocks * 16} tokens; 0 host blocks"
+    assert per_token == 512 and rows["KV per token"] == "512 B in blocks of 16 tokens"
     assert rows["blocks now"] == f"{blocks} free, 0 cached, 0 used"
 
 

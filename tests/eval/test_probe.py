@@ -38,3 +38,26 @@ def test_decoded_question_matches_full_forwards(recipe):
     context = torch.randint(3, 8192, (60,), generator=torch.Generator().manual_seed(0)).tolist()
     question = context[20:25]  # a repeat: the induction heads copy what followed it, if positions are right
     assert greedy_after_decoded_question(model, context, question, 6) == _greedy_without_cache(model, context + question, 6)
+
+
+def test_the_engine_probe_answers_as_transformers_does_on_the_shipped_model():
+    """kvtier's engine (whole prompt prefilled in chunks of 256) and transformers (question fed through decode steps),
+    fp32 both, get the same samples of the shipped kvtier-tiny right and wrong, one by one."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from kvtier import LLM
+    from kvtier.eval.probe import engine_replies, probe_replies, run_engine_probe
+    from kvtier.models.embedded import resolve_model
+    from kvtier.training.data import TokenIds
+
+    folder = resolve_model("kvtier-tiny")
+    tok = HFTokenizer.from_file(f"{folder}/tokenizer.json")
+    ids = TokenIds(tok)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    llm = LLM(folder, dtype="float32", max_num_batched_tokens=256, kv_cache_memory=1 << 26)
+    for task in ("passkey", "multikey"):
+        theirs = [s.is_correct(r) for s, r in probe_replies(hf, ids, tok.decode, task, 700, 6, seed=5)]
+        mine = [s.is_correct(r) for s, r in engine_replies(llm, ids, task, 700, 6, seed=5)]
+        assert mine == theirs, task
+    assert run_engine_probe(llm, ids, "passkey", 700, 6, seed=5).accuracy >= 0.8

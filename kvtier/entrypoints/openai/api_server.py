@@ -118,7 +118,7 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
         except InvalidArgumentError as e:
             raise bad_request(e) from None
         for p in prompts:
-            ids = p["prompt_token_ids"]
+            ids = p.prompt_token_ids
             if params.max_tokens is not None and len(ids) + params.max_tokens > limit:
                 raise APIError(400, f"{req.max_tokens_field}: this model's maximum context length is {limit} tokens. However, you requested "
                                f"{len(ids) + params.max_tokens} tokens ({len(ids)} in the prompt, {params.max_tokens} in the completion). "

@@ -1,7 +1,10 @@
-"""Per-sequence block tables over the block pool: allocation, prefix hits, copy-on-write, swap.
+"""One group's block tables for full-attention layers: allocation, prefix hits, copy-on-write, swap.
 
-The manager speaks in sequences (ids and token lists); the pool speaks in blocks. Physical
-copies it decides on (copy-on-write, swap) are queued as (src, dst) pairs for the worker.
+The manager speaks in sequences (ids and token lists) for its group of layers; its pools speak in
+blocks. Physical copies it decides on (copy-on-write, swap) are queued as moves for the worker. It is
+also the base of every per-kind manager (``SlidingWindowManager`` overrides what a window changes);
+the ``KVCacheCoordinator`` drives one per layer group. A table entry of None is a block the sequence
+no longer holds (it fell out of a window).
 """
 
 from __future__ import annotations
@@ -11,47 +14,52 @@ from collections.abc import Sequence
 from kvtier.cache.block_pool import BlockPool, KVBlock
 from kvtier.cache.ops import CacheOps, MoveKind
 from kvtier.cache.prefix_cache import BlockHashPrefixCache, PrefixCache
+from kvtier.cache.specs import FullAttentionSpec, blocks_needed
+
+Table = list[KVBlock | None]
+Wanted = Sequence[tuple[int, int, Sequence[KVBlock | None]]]  # (seq_id, tokens to hold, its prefix hit's blocks)
 
 
-def blocks_needed(num_tokens: int, block_size: int) -> int:
-    return -(-num_tokens // block_size)
-
-
-class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, num_host_blocks: int = 0,
+class FullAttentionManager:
+    def __init__(self, spec: FullAttentionSpec, num_blocks: int, num_host_blocks: int = 0, enable_prefix_caching: bool = True,
                  prefix_caching_hash_algo: str = "sha256") -> None:
-        self.block_size = block_size
+        self.spec = spec
+        self.block_size = spec.block_size
         self.pool = BlockPool(num_blocks)
         self.host_pool = BlockPool(num_host_blocks)
-        self.prefix_cache: PrefixCache | None = (BlockHashPrefixCache(self.pool, block_size, prefix_caching_hash_algo)
+        self.prefix_cache: PrefixCache | None = (BlockHashPrefixCache(self.pool, self.block_size, prefix_caching_hash_algo)
                                                  if enable_prefix_caching else None)
-        self.tables: dict[int, list[KVBlock]] = {}
-        self.host_tables: dict[int, list[KVBlock]] = {}
+        self.tables: dict[int, Table] = {}
+        self.host_tables: dict[int, Table] = {}
         self.ops = CacheOps()
+        self.watermark = max(1, num_blocks // 100)  # headroom so admissions do not cause immediate preemption
 
     # ---- queries -------------------------------------------------------------------------
     def block_ids(self, seq_id: int) -> list[int]:
-        return [b.block_id for b in self.tables[seq_id]]
+        """The sequence's table as block ids; -1 where it holds no block (never read by attention)."""
+        return [-1 if b is None else b.block_id for b in self.tables[seq_id]]
 
     @property
     def num_free_blocks(self) -> int:
         return self.pool.num_free
 
-    def usage(self) -> float:
-        """Fraction of device blocks referenced by a live sequence."""
-        return 1.0 - self.pool.num_free / max(1, self.pool.num_blocks)
+    # ---- prefix hits ---------------------------------------------------------------------
+    def cached_prefix(self, token_ids: Sequence[int], max_blocks: int) -> list[KVBlock | None]:
+        """What the prefix cache knows of the leading ``max_blocks`` blocks (None: known, block evicted)."""
+        return self.prefix_cache.match(token_ids, max_blocks) if self.prefix_cache is not None else []
+
+    def hit_length(self, known: Sequence[KVBlock | None], max_blocks: int) -> int:
+        """The most leading blocks, at most ``max_blocks``, a sequence could skip computing: every one must be cached."""
+        n = min(max_blocks, len(known))
+        return next((i for i in range(n) if known[i] is None), n)
+
+    def hit_blocks(self, known: Sequence[KVBlock | None], num_blocks: int) -> list[KVBlock | None]:
+        """The table a hit of ``num_blocks`` blocks starts with."""
+        return list(known[:num_blocks])
 
     # ---- allocation ----------------------------------------------------------------------
-    def computed_prefix(self, token_ids: Sequence[int]) -> list[KVBlock]:
-        """Cached blocks for the prompt's leading full blocks, leaving at least one token to compute."""
-        if self.prefix_cache is None:
-            return []
-        max_blocks = (len(token_ids) - 1) // self.block_size
-        return self.prefix_cache.match(token_ids, max_blocks)
-
-    def record_prefix_lookup(self, queried_tokens: int, hit_tokens: int) -> None:
-        if self.prefix_cache is not None:
-            self.prefix_cache.record(queried_tokens, hit_tokens)
+    def remove_skipped(self, seq_id: int, num_computed: int) -> None:
+        """Release blocks no future query of the sequence reads; full attention reads them all."""
 
     def can_allocate(self, seq_id: int, num_total_tokens: int, reserve: int = 0) -> bool:
         need = blocks_needed(num_total_tokens, self.block_size) - len(self.tables.get(seq_id, ()))
@@ -70,23 +78,28 @@ class KVCacheManager:
             table.append(self.pool.allocate())
         return True
 
-    def admit(self, wanted: Sequence[tuple[int, int, Sequence[KVBlock]]], reserve: int = 0) -> bool:
-        """Give new sequences ``(seq_id, tokens to hold, cached prefix blocks)`` their tables, all or none.
+    def can_admit(self, wanted: Wanted, reserve: int = 0) -> bool:
+        """Whether ``admit`` would succeed with ``reserve`` blocks left over."""
+        reused = {id(b): b for _, _, prefix in wanted for b in prefix if b is not None}
+        # cached blocks about to be reused leave the evictable set, so they do not count as free
+        reused_free = sum(1 for b in reused.values() if b.ref_count == 0)
+        need = sum(max(0, blocks_needed(total, self.block_size) - len(prefix)) for _, total, prefix in wanted)
+        return need <= self.pool.num_free - reused_free - reserve
+
+    def admit(self, wanted: Wanted, reserve: int = 0) -> bool:
+        """Give new sequences ``(seq_id, tokens to hold, prefix hit blocks)`` their tables, all or none.
 
         Every reused prefix block is pinned before any new block is taken: a new block may come from
         the LRU of cached blocks, and must not be one that another sequence of the group reuses.
         """
         if any(seq_id in self.tables for seq_id, _, _ in wanted):
             raise RuntimeError("admit is for sequences without a block table")
-        reused = {id(b): b for _, _, prefix in wanted for b in prefix}
-        # cached blocks about to be reused leave the evictable set, so they do not count as free
-        reused_free = sum(1 for b in reused.values() if b.ref_count == 0)
-        need = sum(max(0, blocks_needed(total, self.block_size) - len(prefix)) for _, total, prefix in wanted)
-        if need > self.pool.num_free - reused_free - reserve:
+        if not self.can_admit(wanted, reserve):
             return False
         for seq_id, _, prefix in wanted:
             for block in prefix:
-                self.pool.acquire(block)
+                if block is not None:
+                    self.pool.acquire(block)
             self.tables[seq_id] = list(prefix)
         for seq_id, total, _ in wanted:
             table = self.tables[seq_id]
@@ -96,9 +109,9 @@ class KVCacheManager:
 
     def _cow_need(self, seq_id: int) -> int:
         table = self.tables.get(seq_id)
-        return 1 if table and table[-1].ref_count > 1 else 0
+        return 1 if table and table[-1] is not None and table[-1].ref_count > 1 else 0
 
-    def _copy_on_write(self, table: list[KVBlock], num_computed: int) -> None:
+    def _copy_on_write(self, table: Table, num_computed: int) -> None:
         """Writes go to positions >= num_computed; a shared partial block there gets a private copy."""
         idx = num_computed // self.block_size
         if num_computed % self.block_size and idx < len(table) and table[idx].ref_count > 1:
@@ -112,7 +125,8 @@ class KVCacheManager:
         """The child shares every block of the parent (copy-on-write later)."""
         table = self.tables[parent_id]
         for block in table:
-            self.pool.acquire(block)
+            if block is not None:
+                self.pool.acquire(block)
         self.tables[child_id] = list(table)
 
     def cache_computed(self, seq_id: int, token_ids: Sequence[int], num_computed: int) -> None:
@@ -122,18 +136,21 @@ class KVCacheManager:
     def free(self, seq_id: int) -> None:
         """Release the sequence's blocks, last block first so a prefix outlives its tail in the LRU."""
         for block in reversed(self.tables.pop(seq_id, [])):
-            self.pool.release(block)
+            if block is not None:
+                self.pool.release(block)
         for block in self.host_tables.pop(seq_id, []):
-            self.host_pool.release(block)
+            if block is not None:
+                self.host_pool.release(block)
         if self.prefix_cache is not None:
             self.prefix_cache.drop_sequence(seq_id)
 
     # ---- swapping ------------------------------------------------------------------------
-    def _distinct(self, tables: Sequence[list[KVBlock]]) -> list[KVBlock]:
-        return list({id(b): b for t in tables for b in t}.values())
+    @staticmethod
+    def _distinct(tables: Sequence[Table]) -> int:
+        return len({id(b) for t in tables for b in t if b is not None})
 
     def can_swap_out(self, seq_ids: Sequence[int]) -> bool:
-        return len(self._distinct([self.tables[s] for s in seq_ids])) <= self.host_pool.num_free
+        return self._distinct([self.tables[s] for s in seq_ids]) <= self.host_pool.num_free
 
     def swap_out(self, seq_ids: Sequence[int]) -> None:
         """Move the sequences' blocks to host memory, keeping sharing among them."""
@@ -143,7 +160,7 @@ class KVCacheManager:
                 self.prefix_cache.drop_sequence(sid)
 
     def can_swap_in(self, seq_ids: Sequence[int], reserve: int = 0) -> bool:
-        return len(self._distinct([self.host_tables[s] for s in seq_ids])) <= self.pool.num_free - reserve
+        return self._distinct([self.host_tables[s] for s in seq_ids]) <= self.pool.num_free - reserve
 
     def swap_in(self, seq_ids: Sequence[int]) -> None:
         _move_tables(seq_ids, self.host_tables, self.host_pool, self.tables, self.pool, self.ops, "swap_in")
@@ -155,9 +172,9 @@ class KVCacheManager:
 
 def _move_tables(
     seq_ids: Sequence[int],
-    src_tables: dict[int, list[KVBlock]],
+    src_tables: dict[int, Table],
     src_pool: BlockPool,
-    dst_tables: dict[int, list[KVBlock]],
+    dst_tables: dict[int, Table],
     dst_pool: BlockPool,
     ops: CacheOps,
     kind: MoveKind,
@@ -165,8 +182,11 @@ def _move_tables(
     """Re-home the sequences' tables in ``dst_pool``; a block shared among them gets one copy, still shared."""
     mapping: dict[int, KVBlock] = {}
     for sid in seq_ids:
-        table = []
+        table: Table = []
         for block in src_tables.pop(sid):
+            if block is None:
+                table.append(None)
+                continue
             moved = mapping.get(id(block))
             if moved is None:
                 moved = mapping[id(block)] = dst_pool.allocate()

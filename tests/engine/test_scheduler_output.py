@@ -1,5 +1,5 @@
-"""A step is plain data: pickled and run by a fresh runner over a copy of the KV storage, it gives exactly the
-logits the engine's own runner gave (the runner could live in another process)."""
+"""A ``SchedulerOutput`` is plain data: pickled and run by a fresh runner over a copy of the KV storage, it gives
+exactly the logits the engine's own runner gave (the runner could live in another process)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def test_pickled_steps_give_the_same_logits_in_a_fresh_runner(llama_dir):
     own = engine.runner.execute
 
     def recording(step):
-        before = (pickle.dumps(step), engine.storage.device_kv.clone(), engine.storage.host_kv.clone())
+        before = (pickle.dumps(step), [t.clone() for t in engine.storage.device_kv], [t.clone() for t in engine.storage.host_kv])
         logits = own(step)
         steps.append((*before, logits))
         return logits
@@ -34,17 +34,16 @@ def test_pickled_steps_give_the_same_logits_in_a_fresh_runner(llama_dir):
 
     mixed = moved = 0
     for blob, device_kv, host_kv, logits in steps:
-        storage = KVStorage(engine.memory_plan, engine.model_config.num_hidden_layers, engine.model_config.num_key_value_heads,
-                            engine.model_config.head_dim, engine.model_config.dtype, engine.device)
-        storage.device_kv.copy_(device_kv)
-        storage.host_kv.copy_(host_kv)
+        storage = KVStorage(engine.memory_plan, engine.device)
+        for mine, theirs in zip(storage.device_kv + storage.host_kv, device_kv + host_kv):
+            mine.copy_(theirs)
         step = pickle.loads(blob)
-        again = ModelRunner(engine.model, storage, engine.device, get_backend("paged")).execute(step)
+        again = ModelRunner(engine.model, storage, engine.runner.windows, engine.device, get_backend("paged")).execute(step)
         assert again.last.keys() == logits.last.keys() and again.prompt.keys() == logits.prompt.keys()
         assert all(torch.equal(again.last[k], logits.last[k]) for k in logits.last)
         assert all(torch.equal(again.prompt[k], logits.prompt[k]) for k in logits.prompt)
         mixed += len({s.num_tokens > 1 for s in step.seqs}) == 2
-        moved += bool(step.ops)
+        moved += any(step.ops)
     assert mixed and moved, "the steps must include a prefill beside decodes, and block moves (n=2 copies on write)"
 
 
@@ -52,7 +51,8 @@ def test_the_runner_imports_neither_the_scheduler_nor_the_cache_managers():
     import subprocess
     import sys
 
-    code = ("import sys, kvtier.engine.model_runner; "
-            "print(sorted(m for m in sys.modules if m in ('kvtier.engine.scheduler', 'kvtier.cache.kv_cache_manager', 'kvtier.cache.prefix_cache')))")
+    banned = ("kvtier.engine.scheduler", "kvtier.cache.coordinator", "kvtier.cache.full_attention", "kvtier.cache.sliding_window",
+              "kvtier.cache.prefix_cache")
+    code = f"import sys, kvtier.engine.model_runner; print(sorted(m for m in sys.modules if m in {banned!r}))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr

@@ -1,6 +1,7 @@
-"""Beam search over the paged cache: beams are sequences that share blocks through copy-on-write.
+"""Where a request's sequences split: ``n`` parallel samples and beam search, over blocks shared copy-on-write.
 
-Each step every live beam proposes its best continuations; the ``beam_width`` best by
+Parallel sampling forks the prompt's sequence into ``n`` after its first logits; the children share
+the prompt's blocks and then sample on their own. In beam search each step every live beam proposes its best continuations; the ``beam_width`` best by
 cumulative log-probability survive, a parent chosen twice is forked (sharing its blocks),
 and a parent chosen by none is freed. As in HF transformers, an EOS continuation becomes a
 finished hypothesis only when it ranks among the ``beam_width`` best candidates of its step,
@@ -12,9 +13,13 @@ the same, judging the live beam at ``max_tokens`` when the length penalty is pos
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from kvtier.cache.coordinator import KVCacheCoordinator
 from kvtier.engine.sequence import Request, Sequence
+from kvtier.tokenizer import Tokenizer
 
 
 def beam_score(seq: Sequence, length_penalty: float) -> float:
@@ -72,3 +77,54 @@ def is_done(req: Request, max_model_len: int) -> bool:
     length = beam.max_tokens if beam.early_stopping == "never" and beam.length_penalty > 0 else len(live[0].output_token_ids)
     best_possible = max(s.cumulative_logprob for s in live) / length ** beam.length_penalty
     return best_possible <= worst
+
+
+class Branching:
+    """Forks and frees a request's sequences in the KV cache as parallel sampling and beam search need."""
+
+    def __init__(self, kv: KVCacheCoordinator, tokenizer: Tokenizer, start_output: Callable[[Request, Sequence], None],
+                 generator: Callable[[int, int], torch.Generator], max_model_len: int) -> None:
+        self.kv = kv
+        self.tokenizer = tokenizer  # its EOS ids end a beam
+        self.start_output = start_output  # readies a new sequence's detokenizer
+        self.generator = generator  # (seed, sample index) -> the sample's own random stream
+        self.max_model_len = max_model_len
+
+    def fork_samples(self, req: Request) -> None:
+        """n > 1: after the prompt's first logits, split into n sequences sharing the prompt's blocks."""
+        if req.forked or req.params.n == 1:
+            return
+        parent = req.seqs[0]
+        for i in range(1, req.params.n):
+            child = parent.fork(i)
+            if req.params.seed is not None:
+                child.generator = self.generator(req.params.seed, i)
+            self.kv.fork(parent.seq_id, child.seq_id)
+            self.start_output(req, child)
+            req.seqs.append(child)
+        req.forked = True
+
+    def beam_step(self, req: Request, logits: torch.Tensor) -> None:
+        """One beam-search step over the live beams' logits [beams, V]: fork the parents chosen twice, free those chosen
+        by none, append each survivor's token, and end every beam when the search is done."""
+        parents = req.live_seqs
+        kept: set[int] = set()
+        beams: list[tuple[Sequence, int, float]] = []
+        for parent, token, lp in select(req, logits, self.tokenizer.eos_token_ids):  # fork before any parent takes its token
+            if parent.seq_id in kept:
+                child = parent.fork(0)
+                self.kv.fork(parent.seq_id, child.seq_id)
+                beams.append((child, token, lp))
+            else:
+                kept.add(parent.seq_id)
+                beams.append((parent, token, lp))
+        for p in parents:
+            if p.seq_id not in kept:
+                self.kv.free(p.seq_id)
+        for seq, token, lp in beams:
+            seq.token_ids.append(token)
+            seq.cumulative_logprob += lp
+        req.seqs = [b[0] for b in beams]
+        if is_done(req, self.max_model_len):
+            for seq in req.seqs:
+                seq.finish_reason = "length"

@@ -1,0 +1,108 @@
+"""What each group of layers keeps in the cache, per token: the input to memory planning and to the managers.
+
+The model config yields one ``KVCacheGroup`` per set of layers with the same kind of cache (after
+vLLM v1's KVCacheSpec): full attention keeps every token's K/V; a sliding-window layer needs only
+the last ``window`` tokens. A new kind of state (Mamba's per-sequence SSM state, K and V in
+different tiers) is a new spec with its own manager, and nothing above the coordinator changes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from kvtier.models.config import ModelConfig
+
+
+def blocks_needed(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
+class KVCacheSpec(ABC):
+    """What one layer of a group keeps per sequence; the coordinator picks the group's manager by the spec's class."""
+
+    block_size: int
+
+    @property
+    @abstractmethod
+    def bytes_per_token(self) -> int:
+        """Bytes one token takes in one layer (a per-sequence state spreads its bytes over its block)."""
+
+    @abstractmethod
+    def max_blocks(self, num_tokens: int, max_chunk: int) -> int:
+        """The most blocks one sequence of ``num_tokens`` tokens holds at once, prefilled ``max_chunk`` tokens a step."""
+
+    @property
+    @abstractmethod
+    def label(self) -> str:
+        """The kind of cache, as ``kvtier info`` names it."""
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The window attention reads, or None for all tokens."""
+        return None
+
+
+@dataclass(frozen=True)
+class FullAttentionSpec(KVCacheSpec):
+    """One layer's K and V for every token of a sequence, in blocks of ``block_size`` tokens."""
+
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V of one token in one layer."""
+        return 2 * self.num_kv_heads * self.head_dim * torch.tensor([], dtype=self.dtype).element_size()
+
+    def max_blocks(self, num_tokens: int, max_chunk: int) -> int:
+        return blocks_needed(num_tokens, self.block_size)
+
+    @property
+    def label(self) -> str:
+        return "full attention"
+
+
+@dataclass(frozen=True)
+class SlidingWindowSpec(FullAttentionSpec):
+    """A layer whose queries see only the last ``window`` keys (their own included), as HF's Mistral masks them."""
+
+    window: int = 0
+
+    def max_blocks(self, num_tokens: int, max_chunk: int) -> int:
+        # the window behind a chunk's first query, the chunk, and one block of misalignment at each end
+        return min(blocks_needed(num_tokens, self.block_size), blocks_needed(self.window - 1 + max_chunk, self.block_size) + 1)
+
+    @property
+    def label(self) -> str:
+        return f"sliding window {self.window}"
+
+    @property
+    def sliding_window(self) -> int | None:
+        return self.window
+
+
+@dataclass(frozen=True)
+class KVCacheGroup:
+    """Layers (by index in the model) that share one spec, and so one block table per sequence."""
+
+    spec: KVCacheSpec
+    layers: tuple[int, ...]
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.spec.bytes_per_token * len(self.layers)
+
+
+def kv_cache_groups(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> list[KVCacheGroup]:
+    """One group per distinct per-layer cache kind, in order of first appearance."""
+    layers: dict[KVCacheSpec, list[int]] = {}
+    for i, window in enumerate(cfg.sliding_windows):
+        spec = (FullAttentionSpec(block_size, cfg.num_key_value_heads, cfg.head_dim, dtype) if window is None
+                else SlidingWindowSpec(block_size, cfg.num_key_value_heads, cfg.head_dim, dtype, window))
+        layers.setdefault(spec, []).append(i)
+    return [KVCacheGroup(spec, tuple(ids)) for spec, ids in layers.items()]
