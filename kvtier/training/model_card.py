@@ -85,19 +85,23 @@ def _retrieval_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+ENGINE_ANSWER_TOKENS = 12  # what the transformers probe generates
 ENGINE_BEGIN = "<!-- engine-retrieval -->"
 ENGINE_END = "<!-- /engine-retrieval -->"
 
 
 def engine_retrieval(folder: Path, trials: int, contexts: tuple[int, ...] = CONTEXTS, seed: int = 1234) -> list[dict]:
-    """The card's retrieval cells answered through kvtier's engine (fp32, as the transformers figures): same samples."""
+    """The card's retrieval cells answered through kvtier's engine (fp32, as the transformers figures): same samples. A
+    context whose prompt and answer do not fit in ``max_position_embeddings`` is left out: kvtier, like vLLM, does not
+    run a model past it."""
     from kvtier.entrypoints.llm import LLM
 
-    llm = LLM(str(folder), dtype="float32", max_model_len=max(contexts) + 64)
+    llm = LLM(str(folder), dtype="float32")
     ids = TokenIds(HFTokenizer.from_file(str(folder / "tokenizer.json")))
+    fitting = [n for n in contexts if n + ENGINE_ANSWER_TOKENS <= llm.engine.max_model_len]
     cells = []
-    for task, n in tqdm([(task, n) for task in TASKS for n in contexts], desc=f"engine {folder.name}", unit="cell"):
-        r = run_engine_probe(llm, ids, task, n, trials, seed)
+    for task, n in tqdm([(task, n) for task in TASKS for n in fitting], desc=f"engine {folder.name}", unit="cell"):
+        r = run_engine_probe(llm, ids, task, n, trials, seed, ENGINE_ANSWER_TOKENS)
         cells.append({"task": task, "context_tokens": n, "trials": trials, "accuracy": r.accuracy, "by_depth": r.by_depth})
     return cells
 
@@ -107,20 +111,24 @@ def engine_section(results: dict) -> str:
     cells = results.get("engine_retrieval")
     if not cells:
         return ""
-    contexts = sorted({r["context_tokens"] for r in cells})
+    contexts = sorted({r["context_tokens"] for r in results["retrieval"]})
     hf = {(r["task"], r["context_tokens"]): r["accuracy"] for r in results["retrieval"]}
     mine = {(r["task"], r["context_tokens"]): r["accuracy"] for r in cells}
     lines = ["| task | " + " | ".join(f"{n} tokens" for n in contexts) + " |", "| --- |" + " --- |" * len(contexts)]
     for task in TASKS:
-        lines.append(f"| {task} | " + " | ".join(f"{100 * hf[task, n]:.0f}% / **{100 * mine[task, n]:.0f}%**" for n in contexts) + " |")
+        lines.append(f"| {task} | " + " | ".join(f"{100 * hf[task, n]:.0f}% / " + (f"**{100 * mine[task, n]:.0f}%**" if (task, n) in mine else "-")
+                                               for n in contexts) + " |")
     table = "\n".join(lines)
+    skipped = sorted({n for n in contexts if all((t, n) not in mine for t in TASKS)})
+    past = (f" The engine does not run past `max_position_embeddings`, as vLLM does not, so the {', '.join(map(str, skipped))}-token "
+            f"prompts with their {ENGINE_ANSWER_TOKENS}-token answers (-) are transformers only." if skipped else "")
     return f"""
 {ENGINE_BEGIN}
 ### Through kvtier's engine
 
 The same samples answered by kvtier's engine (`LLM.generate`, greedy, fp32), in **bold**, beside the
 transformers figures above: one batch of {cells[0]['trials']} prompts per cell, each prompt (haystack and
-question) prefilled in the engine's chunks, then the answer decoded. {results.get('engine_note', '')}
+question) prefilled in the engine's chunks, then the answer decoded.{past} {results.get('engine_note', '')}
 
 {table}
 {ENGINE_END}

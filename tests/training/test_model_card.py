@@ -15,3 +15,17 @@ from kvtier.training.model_card import python_syntax
 ])
 def test_python_syntax_tells_a_cut_off_program_from_an_invalid_one(code, verdict):
     assert python_syntax(code) == verdict
+
+
+def test_the_engine_section_sets_each_engine_figure_beside_transformers_and_marks_what_it_cannot_run():
+    from kvtier.training.model_card import TASKS, engine_section
+
+    def cells(contexts, accuracy):
+        return [{"task": t, "context_tokens": n, "trials": 10, "accuracy": accuracy(t, n), "by_depth": {}} for t in TASKS for n in contexts]
+
+    results = {"retrieval": cells((512, 4096), lambda t, n: 0.9 if n == 512 else 0.5),
+               "engine_retrieval": cells((512,), lambda t, n: 0.8), "engine_note": "Measured here."}
+    section = engine_section(results)
+    assert "| passkey | 90% / **80%** | 50% / - |" in section
+    assert "the 4096-token prompts" in section and section.rstrip().endswith("<!-- /engine-retrieval -->")
+    assert engine_section({"retrieval": results["retrieval"]}) == "", "no engine figures, no section"
