@@ -2,10 +2,12 @@
 
 One backend is chosen by name for the whole engine (``--attention-backend``). The model runner asks it
 once per step to lay out the step's tokens and build its metadata for each layer group (``plan``), and
-every attention layer calls its ``forward`` with its group's metadata. A backend owns its metadata because what is worth precomputing depends on how
-it reads the cache. The KV-method issues extend this interface rather than the model code: reading a
-chosen subset of blocks or tokens per KV head, handing a decode step's attention probabilities to a
-method that asks for them, and K and V in different tiers (they already come as separate tensors).
+every attention layer calls its ``forward`` with its group's metadata. A backend owns its metadata
+because what is worth precomputing depends on how it reads the cache. KV methods extend this interface rather than the model code. A decode step's
+attention probabilities already go to whoever asks (``AttentionMetadata.decode_probs``, surfaced by
+``ModelRunner.execute(..., decode_probs=True)``); reading a chosen subset of blocks or tokens per KV
+head (a decode row already gathers from its own ``key_start``) and K and V in different tiers (they
+already come as separate tensors) arrive with the methods that use them.
 """
 
 from __future__ import annotations

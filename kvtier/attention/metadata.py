@@ -56,13 +56,16 @@ class DecodeGroup:
     def size(self) -> int:
         return self.context_lens.numel()
 
+    def key_positions(self) -> torch.Tensor:
+        """[size, L] the token position of every gathered key."""
+        num_keys = self.block_ids.numel() // self.size * self.block_size
+        key_pos = torch.arange(num_keys, device=self.context_lens.device)[None, :]
+        return key_pos + self.key_starts[:, None] if self.key_starts is not None else key_pos.expand(self.size, -1)
+
     def mask(self) -> torch.Tensor:
         """[size, 1, L] keys each query may see; built once per step."""
         if self._mask is None:
-            num_keys = self.block_ids.numel() // self.size * self.block_size
-            key_pos = torch.arange(num_keys, device=self.context_lens.device)[None, :]
-            if self.key_starts is not None:
-                key_pos = key_pos + self.key_starts[:, None]
+            key_pos = self.key_positions()
             mask = key_pos < self.context_lens[:, None]
             if self.window is not None:
                 mask &= key_pos > (self.positions[:, None] - self.window)
@@ -79,6 +82,9 @@ class AttentionMetadata:
     decode_groups: list[DecodeGroup]
     prefills: list[PrefillSpan]
     window: int | None = None  # the group's sliding window; None for full attention
+    # set to [] by a caller that wants a decode step's attention probabilities (a KV method scoring keys): each layer of
+    # the group appends, per decode group, the softmax over its gathered keys, [size, heads, L] in fp32
+    decode_probs: list[list[torch.Tensor]] | None = None
 
 
 def prefill_mask(span: PrefillSpan, window: int | None) -> torch.Tensor:

@@ -30,20 +30,28 @@ def _gather(cache_head: torch.Tensor, block_ids: torch.Tensor, batch: int, block
     return F.embedding(block_ids, table).view(batch, -1, dim)
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup, scale: float) -> torch.Tensor:
-    """q [B, H, D] -> [B, H, D]: one query per sequence, one KV head at a time."""
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup, scale: float,
+                     probs_out: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """q [B, H, D] -> [B, H, D]: one query per sequence, one KV head at a time. With ``probs_out``, append the
+    attention probabilities [B, H, L] (fp32, over ``group.key_positions()``)."""
     batch, num_heads, dim = q.shape
     num_kv = k_cache.shape[0]
     per_kv = num_heads // num_kv
     qd = q.view(batch, num_kv, per_kv, dim)
     out = torch.empty_like(qd)
     mask = group.mask()
+    heads = []
     for h in range(num_kv):
         keys = _gather(k_cache[h], group.block_ids, batch, group.block_size)
         values = _gather(v_cache[h], group.block_ids, batch, group.block_size)
         scores = torch.bmm(qd[:, h], keys.transpose(1, 2)).mul_(scale)
         scores.masked_fill_(~mask, float("-inf"))
-        torch.bmm(scores.softmax(-1, dtype=torch.float32).to(q.dtype), values, out=out[:, h])
+        probs = scores.softmax(-1, dtype=torch.float32)
+        torch.bmm(probs.to(q.dtype), values, out=out[:, h])
+        if probs_out is not None:
+            heads.append(probs)
+    if probs_out is not None:
+        probs_out.append(torch.cat(heads, 1))
     return out.view(batch, num_heads, dim)
 
 
@@ -62,9 +70,12 @@ def paged_attention(
     num_kv = k.shape[1]
     group = num_heads // num_kv
     out = torch.empty_like(q)
+    probs = None if meta.decode_probs is None else []
     for g in meta.decode_groups:
         rows = slice(g.start, g.start + g.size)
-        out[rows] = decode_attention(q[rows], k_cache, v_cache, g, scale)
+        out[rows] = decode_attention(q[rows], k_cache, v_cache, g, scale, probs)
+    if probs is not None:
+        meta.decode_probs.append(probs)
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.query_len)
         if span.slots is None:

@@ -6,13 +6,13 @@ cache managers: every step arrives as plain data.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from kvtier.attention.backend import AttentionBackend
-from kvtier.attention.metadata import ScheduledTokens
+from kvtier.attention.metadata import AttentionMetadata, ScheduledTokens
 from kvtier.cache.kv_storage import KVStorage
 from kvtier.engine.scheduler_output import SchedulerOutput
 
@@ -21,6 +21,9 @@ from kvtier.engine.scheduler_output import SchedulerOutput
 class StepLogits:
     last: dict[int, torch.Tensor]  # seq_id -> [V] logits after the chunk's last token (sampled seqs only)
     prompt: dict[int, torch.Tensor]  # seq_id -> [num_tokens, V] logits at every chunk position (prompt_logprobs)
+    # seq_id -> [layers, heads, context] the decode query's attention probabilities by key position (0 where it sees none);
+    # only when asked for (``execute(..., decode_probs=True)``)
+    decode_probs: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -36,17 +39,40 @@ class ModelRunner:
         self.layer_groups = storage.layer_groups()
 
     @torch.inference_mode()
-    def execute(self, step: SchedulerOutput) -> StepLogits:
-        """Do the step's block moves, then the forward; an empty step only moves blocks."""
+    def execute(self, step: SchedulerOutput, decode_probs: bool = False) -> StepLogits:
+        """Do the step's block moves, then the forward; an empty step only moves blocks. ``decode_probs``: also return
+        every decode query's attention probabilities (what a KV method that scores keys reads)."""
         self.storage.apply(step.ops)
         if not step.seqs:
             return StepLogits({}, {})
         ordered, group_metas = self.backend.plan(list(step.seqs), self.block_size, self.windows, self.device)
+        if decode_probs:
+            for meta in group_metas:
+                meta.decode_probs = []
         ids = [t for s in ordered for t in s.token_ids]
         positions = [p for s in ordered for p in range(s.start, s.start + s.num_tokens)]
         metas = [group_metas[g] for g in self.layer_groups]
         hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device), self.kv_caches, metas)
-        return self._logits(ordered, hidden, step.sample_ids, step.prompt_logit_ids)
+        result = self._logits(ordered, hidden, step.sample_ids, step.prompt_logit_ids)
+        if decode_probs:
+            result.decode_probs = self._decode_probs(ordered, group_metas)
+        return result
+
+    def _decode_probs(self, ordered: list[ScheduledTokens], group_metas: list[AttentionMetadata]) -> dict[int, torch.Tensor]:
+        """Each decode sequence's probabilities, layer by layer, scattered from gathered keys to key positions."""
+        calls = {g: iter(meta.decode_probs) for g, meta in enumerate(group_metas)}  # a group's layers appended in layer order
+        out: dict[int, torch.Tensor] = {}
+        for layer, g in enumerate(self.layer_groups):
+            for dg, probs in zip(group_metas[g].decode_groups, next(calls[g])):
+                positions = dg.key_positions()
+                for i in range(dg.size):
+                    seq = ordered[dg.start + i]
+                    dense = out.get(seq.seq_id)
+                    if dense is None:
+                        dense = out[seq.seq_id] = probs.new_zeros(len(self.layer_groups), probs.shape[1], seq.start + 1)
+                    seen = positions[i] <= seq.start
+                    dense[layer][:, positions[i][seen]] = probs[i][:, seen]
+        return out
 
     def _logits(self, ordered: list[ScheduledTokens], hidden: torch.Tensor, sample_ids: frozenset[int], prompt_logit_ids: frozenset[int]) -> StepLogits:
         rows: list[int] = []
