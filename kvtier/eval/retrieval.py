@@ -7,7 +7,9 @@ filler, asked for at the end. Multi-key needle and variable tracking follow RULE
 ``VAR A = 12345``, ``VAR B = VAR A`` whose members must all be named.
 
 Each generator takes the model's tokenizer (anything with ``encode(text) -> list[int]``) and fills the
-context up to a token budget, so "2K context" means 2,048 tokens of that model. The same arguments
+context up to a token budget, so "2K context" means 2,048 tokens of that model. The haystack is one of
+``kvtier.eval.haystacks.HAYSTACKS`` (default ``noise``, the filler above; code, prose, mixtures, and a
+held-out kind for evaluation only), drawn from the split a ``split`` argument names. The same arguments
 give the same sample on every machine: all randomness comes from ``random.Random(seed)``.
 A sample's ``prompt`` ends where the answer begins; ``completion`` is what a perfect model writes next.
 """
@@ -21,8 +23,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from kvtier.errors import InvalidArgumentError
+from kvtier.eval.haystacks import FILLER, Haystack  # noqa: F401  (FILLER: the noise haystack, named here as before)
 
-FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
 ADJECTIVES = (
     "amber", "bitter", "bold", "brave", "calm", "clever", "cold", "crisp", "dark", "eager", "early", "faint", "fancy", "fierce",
     "gentle", "glad", "golden", "grand", "happy", "hidden", "hollow", "humble", "icy", "jolly", "keen", "late", "lazy", "little",
@@ -81,14 +83,14 @@ def _check(context_tokens: int, depth: float) -> None:
         raise InvalidArgumentError("depth", f"must be in [0, 1], got {depth!r}")
 
 
-def _fill(tokenizer: TokenEncoder, context_tokens: int, build: Callable[[list[str]], str]) -> tuple[str, int]:
-    """The longest ``build(filler)`` whose token count stays within ``context_tokens``.
+def _fill(tokenizer: TokenEncoder, context_tokens: int, build: Callable[[list[str]], str], stack: Haystack) -> tuple[str, int]:
+    """The longest ``build(pieces)`` whose token count stays within ``context_tokens``.
 
-    ``build`` places needles among the filler sentences (at fractions of their count) and adds the
-    header and question. Starts from a linear estimate, then steps a sentence at a time.
+    ``build`` places needles among the haystack's pieces (at fractions of their count) and adds the
+    header and question. Starts from a linear estimate, then steps a piece at a time.
     """
     def text_for(n: int) -> tuple[str, int]:
-        text = build([FILLER[i % len(FILLER)] for i in range(n)])
+        text = build(stack.take(n))
         return text, len(tokenizer.encode(text))
 
     base, base_len = text_for(0)
@@ -108,8 +110,8 @@ def _fill(tokenizer: TokenEncoder, context_tokens: int, build: Callable[[list[st
         n, text, length = n + 1, longer, longer_len
 
 
-def _insert(filler: list[str], needles: list[tuple[float, str]]) -> str:
-    """Filler sentences with each needle placed after ``round(depth * len(filler))`` of them."""
+def _insert(filler: list[str], needles: list[tuple[float, str]], joiner: str = " ") -> str:
+    """Haystack pieces with each needle placed after ``round(depth * len(filler))`` of them."""
     slots: dict[int, list[str]] = {}
     for depth, needle in needles:
         slots.setdefault(round(depth * len(filler)), []).append(needle)
@@ -118,22 +120,24 @@ def _insert(filler: list[str], needles: list[tuple[float, str]]) -> str:
         parts.extend(slots.get(i, []))
         if i < len(filler):
             parts.append(filler[i])
-    return " ".join(parts)
+    return joiner.join(parts)
 
 
-def passkey(tokenizer: TokenEncoder, context_tokens: int, depth: float, seed: int) -> RetrievalSample:
-    """A five-digit pass key at ``depth`` in filler; the prompt ends with "The pass key is"."""
+def passkey(tokenizer: TokenEncoder, context_tokens: int, depth: float, seed: int, haystack: str = "noise", split: str = "validation") -> RetrievalSample:
+    """A five-digit pass key at ``depth`` in the haystack; the prompt ends with "The pass key is"."""
     _check(context_tokens, depth)
+    stack = Haystack(haystack, seed, split)
     key = str(random.Random(seed).randint(10000, 99999))
     head = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
             "I will quiz you about the important information there.\n")
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
     question = "\nWhat is the pass key? The pass key is"
-    prompt, n = _fill(tokenizer, context_tokens, lambda f: head + _insert(f, [(depth, needle)]) + question)
+    prompt, n = _fill(tokenizer, context_tokens, lambda f: head + _insert(f, [(depth, needle)], stack.joiner) + question, stack)
     return RetrievalSample("passkey", prompt, question, f" {key}.", (key,), n, depth)
 
 
-def multikey_needle(tokenizer: TokenEncoder, context_tokens: int, depth: float, seed: int, num_distractors: int = 4) -> RetrievalSample:
+def multikey_needle(tokenizer: TokenEncoder, context_tokens: int, depth: float, seed: int, num_distractors: int = 4, haystack: str = "noise",
+                    split: str = "validation") -> RetrievalSample:
     """Multi-key needle: 1 + ``num_distractors`` keyed seven-digit numbers, one asked for.
 
     RULER's task with the needle and answer phrased as the same sentence, "The special magic number for
@@ -145,6 +149,7 @@ def multikey_needle(tokenizer: TokenEncoder, context_tokens: int, depth: float, 
     _check(context_tokens, depth)
     if isinstance(num_distractors, bool) or not isinstance(num_distractors, int) or not 0 <= num_distractors <= 64:
         raise InvalidArgumentError("num_distractors", f"must be an integer in [0, 64], got {num_distractors!r}")
+    stack = Haystack(haystack, seed, split)
     rng = random.Random(seed)
     keys = rng.sample([f"{a}-{n}" for a in ADJECTIVES for n in NOUNS], num_distractors + 1)
     values = [str(rng.randint(1_000_000, 9_999_999)) for _ in keys]
@@ -152,7 +157,7 @@ def multikey_needle(tokenizer: TokenEncoder, context_tokens: int, depth: float, 
     needles += [(rng.random(), f"The special magic number for {k} is {v}.") for k, v in zip(keys[1:], values[1:])]
     head = "Some special magic numbers are hidden within the following text. Make sure to memorize it. I will quiz you about the numbers afterwards.\n"
     question = _ask_magic(keys[0])
-    prompt, n = _fill(tokenizer, context_tokens, lambda f: head + _insert(f, needles) + question)
+    prompt, n = _fill(tokenizer, context_tokens, lambda f: head + _insert(f, needles, stack.joiner) + question, stack)
     followups = tuple(f"{_ask_magic(keys[i])} {values[i]}." for i in rng.sample(range(1, len(keys)), len(keys) - 1))
     return RetrievalSample("multikey", prompt, question, f" {values[0]}.", (values[0],), n, depth, followups)
 
@@ -161,11 +166,13 @@ def _ask_magic(key: str) -> str:
     return f"\nWhat is the special magic number for {key}? The special magic number for {key} is"
 
 
-def variable_tracking(tokenizer: TokenEncoder, context_tokens: int, depth: float, seed: int, num_hops: int = 4) -> RetrievalSample:
+def variable_tracking(tokenizer: TokenEncoder, context_tokens: int, depth: float, seed: int, num_hops: int = 4, haystack: str = "noise",
+                      split: str = "validation") -> RetrievalSample:
     """RULER's variable tracking: ``VAR A = value`` then ``num_hops`` links ``VAR B = VAR A``; name every variable."""
     _check(context_tokens, depth)
     if isinstance(num_hops, bool) or not isinstance(num_hops, int) or not 1 <= num_hops <= 16:
         raise InvalidArgumentError("num_hops", f"must be an integer in [1, 16], got {num_hops!r}")
+    stack = Haystack(haystack, seed, split)
     rng = random.Random(seed)
     names: list[str] = []
     while len(names) < num_hops + 1:
@@ -179,15 +186,16 @@ def variable_tracking(tokenizer: TokenEncoder, context_tokens: int, depth: float
     head = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n"
     question = (f"\nQuestion: Find all variables that are assigned the value {value} in the text above. Answer: According to the chain(s) "
                 f"of variable assignment in the text above, {num_hops + 1} variables are assigned the value {value}, they are:")
-    prompt, n = _fill(tokenizer, context_tokens, lambda f: head + _insert(f, list(zip(depths, links))) + question)
+    prompt, n = _fill(tokenizer, context_tokens, lambda f: head + _insert(f, list(zip(depths, links)), stack.joiner) + question, stack)
     return RetrievalSample("vartrack", prompt, question, " " + " ".join(names) + ".", tuple(names), n, depth)
 
 
 GENERATORS: dict[str, Callable[..., RetrievalSample]] = {"passkey": passkey, "multikey": multikey_needle, "vartrack": variable_tracking}
 
 
-def make_sample(task: str, tokenizer: TokenEncoder, context_tokens: int, depth: float, seed: int) -> RetrievalSample:
-    """The sample of ``task`` (one of :data:`TASKS`) with that length, depth and seed."""
+def make_sample(task: str, tokenizer: TokenEncoder, context_tokens: int, depth: float, seed: int, haystack: str = "noise",
+                split: str = "validation") -> RetrievalSample:
+    """The sample of ``task`` (one of :data:`TASKS`) with that length, depth and seed, hidden in that kind of haystack."""
     if task not in GENERATORS:
         raise InvalidArgumentError("task", f"must be one of {list(TASKS)}, got {task!r}")
-    return GENERATORS[task](tokenizer, context_tokens, depth, seed)
+    return GENERATORS[task](tokenizer, context_tokens, depth, seed, haystack=haystack, split=split)
