@@ -42,6 +42,51 @@ NOUNS = (
 TASKS = ("passkey", "multikey", "vartrack")
 
 
+@dataclass(frozen=True)
+class Phrasing:
+    """How a needle is said and asked for. ``{key}`` is the value to retrieve; ``{name}`` names it (multi-key needle).
+    Each question restates the needle's key phrase and ends where the value begins, as RULER's do."""
+
+    key_phrase: str  # what the needle calls its value; the question says it again
+    header: str
+    needle: str
+    question: str
+    held_out: bool = False  # never in a training document: for evaluation only
+
+
+_LANDMARK_HEAD = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+                  "I will quiz you about the important information there.\n")
+_RULER_HEAD = "Some special magic numbers are hidden within the following text. Make sure to memorize it. I will quiz you about the numbers afterwards.\n"
+_PLAIN_HEAD = "A number is mentioned somewhere in the text below. Remember it.\n"
+PASSKEY_PHRASINGS = {
+    "landmark": Phrasing("pass key", _LANDMARK_HEAD, "The pass key is {key}. Remember it. {key} is the pass key.", "\nWhat is the pass key? The pass key is"),
+    "ruler": Phrasing("special magic number", _RULER_HEAD, "One of the special magic numbers is: {key}.",
+                      "\nWhat is the special magic number mentioned in the provided text? The special magic number mentioned in the provided text is"),
+    "access-code": Phrasing("access code", _PLAIN_HEAD, "The access code is {key}.", "\nWhat is the access code? The access code is", held_out=True),
+    "secret-number": Phrasing("secret number", _PLAIN_HEAD, "The secret number is {key}.", "\nWhat is the secret number? The secret number is", held_out=True),
+}
+MULTIKEY_PHRASINGS = {
+    "magic": Phrasing("special magic number", _RULER_HEAD, "The special magic number for {name} is {key}.",
+                      "\nWhat is the special magic number for {name}? The special magic number for {name} is"),
+    "ruler": Phrasing("special magic number", _RULER_HEAD, "One of the special magic numbers for {name} is: {key}.",
+                      "\nWhat is the special magic number for {name} mentioned in the provided text? "
+                      "The special magic number for {name} mentioned in the provided text is"),
+    "access-code": Phrasing("access code", "Some access codes are mentioned in the text below. Remember them.\n", "The access code for {name} is {key}.",
+                            "\nWhat is the access code for {name}? The access code for {name} is", held_out=True),
+    "secret-number": Phrasing("secret number", "Some secret numbers are mentioned in the text below. Remember them.\n",
+                              "The secret number for {name} is {key}.",
+                              "\nWhat is the secret number for {name}? The secret number for {name} is", held_out=True),
+}
+PHRASINGS = {"passkey": PASSKEY_PHRASINGS, "multikey": MULTIKEY_PHRASINGS}
+
+
+def _phrasing(task: str, name: str) -> Phrasing:
+    table = PHRASINGS[task]
+    if name not in table:
+        raise InvalidArgumentError("phrasing", f"must be one of {', '.join(table)} for {task}, got {name!r}")
+    return table[name]
+
+
 class TokenEncoder(Protocol):
     def encode(self, text: str) -> Sequence[int]: ...
 
@@ -123,21 +168,22 @@ def _insert(filler: list[str], needles: list[tuple[float, str]], joiner: str = "
     return joiner.join(parts)
 
 
-def passkey(tokenizer: TokenEncoder, context_tokens: int, depth: float, seed: int, haystack: str = "noise", split: str = "validation") -> RetrievalSample:
-    """A five-digit pass key at ``depth`` in the haystack; the prompt ends with "The pass key is"."""
+def passkey(tokenizer: TokenEncoder, context_tokens: int, depth: float, seed: int, haystack: str = "noise", split: str = "validation",
+            phrasing: str = "landmark") -> RetrievalSample:
+    """A five-digit pass key at ``depth`` in the haystack, said and asked for in one of :data:`PASSKEY_PHRASINGS`
+    (Landmark Attention's by default: the prompt ends with "The pass key is")."""
     _check(context_tokens, depth)
+    say = _phrasing("passkey", phrasing)
     stack = Haystack(haystack, seed, split)
     key = str(random.Random(seed).randint(10000, 99999))
-    head = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-            "I will quiz you about the important information there.\n")
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-    question = "\nWhat is the pass key? The pass key is"
-    prompt, n = _fill(tokenizer, context_tokens, lambda f: head + _insert(f, [(depth, needle)], stack.joiner) + question, stack)
+    needle = say.needle.format(key=key)
+    question = say.question
+    prompt, n = _fill(tokenizer, context_tokens, lambda f: say.header + _insert(f, [(depth, needle)], stack.joiner) + question, stack)
     return RetrievalSample("passkey", prompt, question, f" {key}.", (key,), n, depth)
 
 
 def multikey_needle(tokenizer: TokenEncoder, context_tokens: int, depth: float, seed: int, num_distractors: int = 4, haystack: str = "noise",
-                    split: str = "validation") -> RetrievalSample:
+                    split: str = "validation", phrasing: str = "magic") -> RetrievalSample:
     """Multi-key needle: 1 + ``num_distractors`` keyed seven-digit numbers, one asked for.
 
     RULER's task with the needle and answer phrased as the same sentence, "The special magic number for
@@ -149,21 +195,17 @@ def multikey_needle(tokenizer: TokenEncoder, context_tokens: int, depth: float, 
     _check(context_tokens, depth)
     if isinstance(num_distractors, bool) or not isinstance(num_distractors, int) or not 0 <= num_distractors <= 64:
         raise InvalidArgumentError("num_distractors", f"must be an integer in [0, 64], got {num_distractors!r}")
+    say = _phrasing("multikey", phrasing)
     stack = Haystack(haystack, seed, split)
     rng = random.Random(seed)
     keys = rng.sample([f"{a}-{n}" for a in ADJECTIVES for n in NOUNS], num_distractors + 1)
     values = [str(rng.randint(1_000_000, 9_999_999)) for _ in keys]
-    needles = [(depth, f"The special magic number for {keys[0]} is {values[0]}.")]
-    needles += [(rng.random(), f"The special magic number for {k} is {v}.") for k, v in zip(keys[1:], values[1:])]
-    head = "Some special magic numbers are hidden within the following text. Make sure to memorize it. I will quiz you about the numbers afterwards.\n"
-    question = _ask_magic(keys[0])
-    prompt, n = _fill(tokenizer, context_tokens, lambda f: head + _insert(f, needles, stack.joiner) + question, stack)
-    followups = tuple(f"{_ask_magic(keys[i])} {values[i]}." for i in rng.sample(range(1, len(keys)), len(keys) - 1))
+    needles = [(depth, say.needle.format(name=keys[0], key=values[0]))]
+    needles += [(rng.random(), say.needle.format(name=k, key=v)) for k, v in zip(keys[1:], values[1:])]
+    question = say.question.format(name=keys[0])
+    prompt, n = _fill(tokenizer, context_tokens, lambda f: say.header + _insert(f, needles, stack.joiner) + question, stack)
+    followups = tuple(f"{say.question.format(name=keys[i])} {values[i]}." for i in rng.sample(range(1, len(keys)), len(keys) - 1))
     return RetrievalSample("multikey", prompt, question, f" {values[0]}.", (values[0],), n, depth, followups)
-
-
-def _ask_magic(key: str) -> str:
-    return f"\nWhat is the special magic number for {key}? The special magic number for {key} is"
 
 
 def variable_tracking(tokenizer: TokenEncoder, context_tokens: int, depth: float, seed: int, num_hops: int = 4, haystack: str = "noise",
@@ -194,8 +236,12 @@ GENERATORS: dict[str, Callable[..., RetrievalSample]] = {"passkey": passkey, "mu
 
 
 def make_sample(task: str, tokenizer: TokenEncoder, context_tokens: int, depth: float, seed: int, haystack: str = "noise",
-                split: str = "validation") -> RetrievalSample:
-    """The sample of ``task`` (one of :data:`TASKS`) with that length, depth and seed, hidden in that kind of haystack."""
+                split: str = "validation", phrasing: str | None = None) -> RetrievalSample:
+    """The sample of ``task`` (one of :data:`TASKS`) with that length, depth and seed, hidden in that kind of haystack,
+    in one of the task's :data:`PHRASINGS` (None: the task's first; variable tracking has only RULER's)."""
     if task not in GENERATORS:
         raise InvalidArgumentError("task", f"must be one of {list(TASKS)}, got {task!r}")
-    return GENERATORS[task](tokenizer, context_tokens, depth, seed, haystack=haystack, split=split)
+    if phrasing is not None and task not in PHRASINGS:
+        raise InvalidArgumentError("phrasing", f"must be None for {task}, which has only RULER's wording, got {phrasing!r}")
+    extra = {"phrasing": phrasing} if phrasing is not None else {}
+    return GENERATORS[task](tokenizer, context_tokens, depth, seed, haystack=haystack, split=split, **extra)

@@ -1,20 +1,23 @@
-"""Haystacks of several kinds: seeded, filled close to the token budget, drawn from the split asked for, and a held-out
-kind whose text is in no training file."""
+"""Haystacks of several kinds and needles in several phrasings: seeded, filled close to the token budget, drawn from the
+split asked for; a held-out haystack kind whose text is in no training file, and held-out key phrases no training
+text or document uses."""
 
 from __future__ import annotations
 
+import re
 import sysconfig
 from pathlib import Path
 
+import numpy as np
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
 
 from kvtier.errors import InvalidArgumentError
 from kvtier.eval.haystacks import FILLER, HAYSTACKS, HELDOUT_FILES, Haystack, _split_units
-from kvtier.eval.retrieval import TASKS, make_sample
+from kvtier.eval.retrieval import PHRASINGS, TASKS, make_sample
 from kvtier.models.embedded import resolve_model
 from kvtier.training.corpus import read_texts, split_corpus, stdlib_sources
-from kvtier.training.data import TokenIds
+from kvtier.training.data import BatchMaker, RetrievalMix, TokenIds
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +64,34 @@ def test_bad_kind_or_split_names_the_field(ids):
         make_sample("passkey", ids, 512, 0.5, 1, haystack="poetry")
     with pytest.raises(InvalidArgumentError, match="split: must be one of train, validation"):
         Haystack("code", 1, "test")
+
+
+@pytest.mark.parametrize("task", ["passkey", "multikey"])
+def test_every_phrasing_hides_its_needle_and_asks_with_the_needles_key_phrase(ids, task):
+    for name, say in PHRASINGS[task].items():
+        sample = make_sample(task, ids, 512, 0.5, 21, phrasing=name)
+        needle = next(s for s in re.split(r"(?<=\.) |\n", sample.context) if sample.answer[0] in s)
+        assert say.key_phrase in needle.lower().replace("numbers", "number"), (name, needle)
+        assert say.key_phrase in sample.question.lower(), (name, "the question restates the needle's key phrase")
+        assert sample.prompt.endswith(sample.question) and sample.completion == f" {sample.answer[0]}."
+
+
+def test_held_out_key_phrases_are_in_no_training_text_or_document():
+    held_out = {say.key_phrase for table in PHRASINGS.values() for say in table.values() if say.held_out}
+    assert held_out == {"access code", "secret number"}
+    assert not held_out & {say.key_phrase for table in PHRASINGS.values() for say in table.values() if not say.held_out}
+    corpus = " ".join(read_texts(split_corpus().train)).lower()
+    assert not [phrase for phrase in held_out if phrase in corpus]
+    tok = HFTokenizer.from_file(str(Path(resolve_model("kvtier-tiny")) / "tokenizer.json"))
+    maker = BatchMaker(tok, np.arange(3, 4000, dtype=np.int32), seed=1)
+    mix = RetrievalMix(retrieval_fraction=1.0, copy_fraction=0.0, passkey=0.5, multikey=0.5, vartrack=0.0)
+    text = tok.decode([t for _ in range(8) for t in maker.row(1024, mix)]).lower()
+    assert "pass key" in text and "magic number" in text
+    assert not [phrase for phrase in held_out if phrase in text], "training documents never use a held-out phrasing"
+
+
+def test_an_unknown_phrasing_names_the_field(ids):
+    with pytest.raises(InvalidArgumentError, match="phrasing: must be one of landmark, ruler, access-code, secret-number for passkey"):
+        make_sample("passkey", ids, 512, 0.5, 1, phrasing="poem")
+    with pytest.raises(InvalidArgumentError, match="phrasing: must be None for vartrack"):
+        make_sample("vartrack", ids, 512, 0.5, 1, phrasing="ruler")
