@@ -82,19 +82,20 @@ def run_probe(model: torch.nn.Module, tokenizer: TokenEncoder, decode, task: str
 
 
 def engine_replies(llm: LLM, tokenizer: TokenEncoder, task: str, context_tokens: int, trials: int, seed: int = 0,
-                   max_new_tokens: int = 12) -> list[tuple[RetrievalSample, str]]:
-    """The samples of :func:`probe_replies`, answered by kvtier's engine: all trials in one batch, each whole prompt
-    prefilled (in chunks, as the engine schedules it) and the answer decoded greedily up to EOS."""
-    samples = [make_sample(task, tokenizer, context_tokens, depth, seed + i) for i, depth in enumerate(trial_depths(trials))]
+                   max_new_tokens: int = 12, **sample_kw: str) -> list[tuple[RetrievalSample, str]]:
+    """The samples of :func:`probe_replies` (``sample_kw``: haystack, split, phrasing), answered by kvtier's engine: all
+    trials in one batch, each whole prompt prefilled (in chunks, as the engine schedules it) and the answer decoded
+    greedily up to EOS."""
+    samples = [make_sample(task, tokenizer, context_tokens, depth, seed + i, **sample_kw) for i, depth in enumerate(trial_depths(trials))]
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
     outs = llm.generate([{"prompt_token_ids": list(tokenizer.encode(s.prompt))} for s in samples], params, use_tqdm=False)
     return [(s, o.outputs[0].text) for s, o in zip(samples, outs)]
 
 
 def run_engine_probe(llm: LLM, tokenizer: TokenEncoder, task: str, context_tokens: int, trials: int, seed: int = 0,
-                     max_new_tokens: int = 12) -> ProbeResult:
+                     max_new_tokens: int = 12, **sample_kw: str) -> ProbeResult:
     """Accuracy of ``task`` at ``context_tokens`` over the replies of :func:`engine_replies`, overall and by depth."""
-    return score(task, context_tokens, engine_replies(llm, tokenizer, task, context_tokens, trials, seed, max_new_tokens))
+    return score(task, context_tokens, engine_replies(llm, tokenizer, task, context_tokens, trials, seed, max_new_tokens, **sample_kw))
 
 
 def score(task: str, context_tokens: int, replies: Iterable[tuple[RetrievalSample, str]]) -> ProbeResult:
