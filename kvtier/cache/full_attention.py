@@ -65,18 +65,15 @@ class FullAttentionManager:
         need = blocks_needed(num_total_tokens, self.block_size) - len(self.tables.get(seq_id, ()))
         return need + self._cow_need(seq_id) <= self.pool.num_free - reserve
 
-    def allocate(self, seq_id: int, num_computed: int, num_total_tokens: int) -> bool:
+    def allocate(self, seq_id: int, num_computed: int, num_total_tokens: int) -> None:
         """Grow ``seq_id``'s table to hold ``num_total_tokens``; copy-on-write the block it will write into.
 
-        Returns False (and changes nothing) when the pool cannot hold it.
+        The caller (the coordinator, for every group at once) has checked ``can_allocate``.
         """
-        if not self.can_allocate(seq_id, num_total_tokens):
-            return False
         table = self.tables.setdefault(seq_id, [])
         self._copy_on_write(table, num_computed)
         while len(table) < blocks_needed(num_total_tokens, self.block_size):
             table.append(self.pool.allocate())
-        return True
 
     def can_admit(self, wanted: Wanted, reserve: int = 0) -> bool:
         """Whether ``admit`` would succeed with ``reserve`` blocks left over."""
@@ -86,16 +83,14 @@ class FullAttentionManager:
         need = sum(max(0, blocks_needed(total, self.block_size) - len(prefix)) for _, total, prefix in wanted)
         return need <= self.pool.num_free - reused_free - reserve
 
-    def admit(self, wanted: Wanted, reserve: int = 0) -> bool:
-        """Give new sequences ``(seq_id, tokens to hold, prefix hit blocks)`` their tables, all or none.
+    def admit(self, wanted: Wanted) -> None:
+        """Give new sequences ``(seq_id, tokens to hold, prefix hit blocks)`` their tables; the caller has checked ``can_admit``.
 
         Every reused prefix block is pinned before any new block is taken: a new block may come from
         the LRU of cached blocks, and must not be one that another sequence of the group reuses.
         """
         if any(seq_id in self.tables for seq_id, _, _ in wanted):
             raise RuntimeError("admit is for sequences without a block table")
-        if not self.can_admit(wanted, reserve):
-            return False
         for seq_id, _, prefix in wanted:
             for block in prefix:
                 if block is not None:
@@ -105,7 +100,6 @@ class FullAttentionManager:
             table = self.tables[seq_id]
             while len(table) < blocks_needed(total, self.block_size):
                 table.append(self.pool.allocate())
-        return True
 
     def _cow_need(self, seq_id: int) -> int:
         table = self.tables.get(seq_id)

@@ -36,6 +36,11 @@ def trial_depths(trials: int, num_depths: int = 10) -> list[float]:
     return [round((i % num_depths) / (num_depths - 1), 3) for i in range(trials)]
 
 
+def samples(task: str, tokenizer: TokenEncoder, context_tokens: int, trials: int, seed: int, **sample_kw: str) -> list[RetrievalSample]:
+    """The probe's ``trials`` samples: seeds ``seed + i``, depths from :func:`trial_depths`."""
+    return [make_sample(task, tokenizer, context_tokens, depth, seed + i, **sample_kw) for i, depth in enumerate(trial_depths(trials))]
+
+
 @torch.inference_mode()
 def greedy_after_decoded_question(model: torch.nn.Module, context_ids: list[int], question_ids: list[int], max_new_tokens: int) -> list[int]:
     """Prefill ``context_ids``, feed ``question_ids`` one decode step each, then decode greedily.
@@ -68,8 +73,7 @@ def probe_replies(model: torch.nn.Module, tokenizer: TokenEncoder, decode, task:
 
     ``tokenizer.encode`` must add ``<s>``; ``decode(ids) -> str`` turns the generated ids back into text.
     """
-    for i, depth in enumerate(trial_depths(trials)):
-        sample = make_sample(task, tokenizer, context_tokens, depth, seed + i)
+    for sample in samples(task, tokenizer, context_tokens, trials, seed):
         context_ids = list(tokenizer.encode(sample.context))
         question_ids = list(tokenizer.encode(sample.prompt))[len(context_ids):]
         yield sample, decode(greedy_after_decoded_question(model, context_ids, question_ids, max_new_tokens))
@@ -86,10 +90,10 @@ def engine_replies(llm: LLM, tokenizer: TokenEncoder, task: str, context_tokens:
     """The samples of :func:`probe_replies` (``sample_kw``: haystack, split, phrasing), answered by kvtier's engine: all
     trials in one batch, each whole prompt prefilled (in chunks, as the engine schedules it) and the answer decoded
     greedily up to EOS."""
-    samples = [make_sample(task, tokenizer, context_tokens, depth, seed + i, **sample_kw) for i, depth in enumerate(trial_depths(trials))]
+    batch = samples(task, tokenizer, context_tokens, trials, seed, **sample_kw)
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
-    outs = llm.generate([{"prompt_token_ids": list(tokenizer.encode(s.prompt))} for s in samples], params, use_tqdm=False)
-    return [(s, o.outputs[0].text) for s, o in zip(samples, outs)]
+    outs = llm.generate([{"prompt_token_ids": list(tokenizer.encode(s.prompt))} for s in batch], params, use_tqdm=False)
+    return [(s, o.outputs[0].text) for s, o in zip(batch, outs)]
 
 
 def run_engine_probe(llm: LLM, tokenizer: TokenEncoder, task: str, context_tokens: int, trials: int, seed: int = 0,

@@ -11,6 +11,7 @@ import codeop
 import json
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -76,13 +77,20 @@ def python_syntax(code: str) -> str:
             return f"syntax error: {getattr(e, 'msg', e)}"
 
 
-def _retrieval_table(results: dict) -> str:
-    contexts = sorted({r["context_tokens"] for r in results["retrieval"]})
+def _task_table(contexts: list[int], cell: Callable[[str, int], str]) -> str:
+    """A markdown table: a row per task, a column per context length, each cell ``cell(task, n)``."""
     lines = ["| task | " + " | ".join(f"{n} tokens" for n in contexts) + " |", "| --- |" + " --- |" * len(contexts)]
-    for task in TASKS:
-        acc = {r["context_tokens"]: r["accuracy"] for r in results["retrieval"] if r["task"] == task}
-        lines.append(f"| {task} | " + " | ".join(f"{100 * acc[n]:.0f}%" for n in contexts) + " |")
+    lines += [f"| {task} | " + " | ".join(cell(task, n) for n in contexts) + " |" for task in TASKS]
     return "\n".join(lines)
+
+
+def _accuracies(cells: list[dict]) -> dict[tuple[str, int], float]:
+    return {(r["task"], r["context_tokens"]): r["accuracy"] for r in cells}
+
+
+def _retrieval_table(results: dict) -> str:
+    acc = _accuracies(results["retrieval"])
+    return _task_table(sorted({n for _, n in acc}), lambda task, n: f"{100 * acc[task, n]:.0f}%")
 
 
 ENGINE_ANSWER_TOKENS = 12  # what the transformers probe generates
@@ -111,14 +119,9 @@ def engine_section(results: dict) -> str:
     cells = results.get("engine_retrieval")
     if not cells:
         return ""
-    contexts = sorted({r["context_tokens"] for r in results["retrieval"]})
-    hf = {(r["task"], r["context_tokens"]): r["accuracy"] for r in results["retrieval"]}
-    mine = {(r["task"], r["context_tokens"]): r["accuracy"] for r in cells}
-    lines = ["| task | " + " | ".join(f"{n} tokens" for n in contexts) + " |", "| --- |" + " --- |" * len(contexts)]
-    for task in TASKS:
-        lines.append(f"| {task} | " + " | ".join(f"{100 * hf[task, n]:.0f}% / " + (f"**{100 * mine[task, n]:.0f}%**" if (task, n) in mine else "-")
-                                               for n in contexts) + " |")
-    table = "\n".join(lines)
+    hf, mine = _accuracies(results["retrieval"]), _accuracies(cells)
+    contexts = sorted({n for _, n in hf})
+    table = _task_table(contexts, lambda task, n: f"{100 * hf[task, n]:.0f}% / " + (f"**{100 * mine[task, n]:.0f}%**" if (task, n) in mine else "-"))
     skipped = sorted({n for n in contexts if all((t, n) not in mine for t in TASKS)})
     past = (f" The engine does not run past `max_position_embeddings`, as vLLM does not, so the {', '.join(map(str, skipped))}-token "
             f"prompts with their {ENGINE_ANSWER_TOKENS}-token answers (-) are transformers only." if skipped else "")
