@@ -1,7 +1,7 @@
 """Retrieval by haystack kind: does a model find the needle in any text, or only in the filler it was trained on?
 
-Runs passkey and multi-key needle (4 distractors) through kvtier's engine (greedy, fp32, each whole prompt
-prefilled, then the answer decoded) for every haystack kind of ``kvtier.eval.haystacks`` (validation split),
+Runs passkey and multi-key needle (4 distractors) through kvtier's engine (greedy, fp32, each haystack
+prefilled, the question forced through decode steps, then the answer decoded) for every haystack kind of ``kvtier.eval.haystacks`` (validation split),
 with the training phrasings and with the held-out key phrases (``access-code``), at each context length.
 Seed 1234 and depths spread over [0, 1], as the model cards. Prints a table; ``--json-out`` keeps every cell.
 

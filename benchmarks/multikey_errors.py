@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 
 from kvtier.errors import InvalidArgumentError
+from kvtier.eval.haystacks import HAYSTACKS
 from kvtier.eval.probe import probe_replies
 from kvtier.eval.retrieval import RetrievalSample
 from kvtier.machine import machine_line
 from kvtier.training.data import TokenIds
-from kvtier.training.model_card import load
+from kvtier.training.evaluation import load
 
 NEEDLE = re.compile(r"The special magic number for (\S+) is (\d+)\.")
 KINDS = ("right", "another needle, the last", "another needle, not the last", "starts like a needle, goes on differently", "other")
@@ -43,9 +44,10 @@ def classify(sample: RetrievalSample, reply: str) -> str:
     return KINDS[4]
 
 
-def error_counts(folder: Path, context_tokens: int, trials: int, seed: int) -> Counter:
+def error_counts(folder: Path, context_tokens: int, trials: int, seed: int, haystack: str) -> Counter:
     model, tok = load(folder)
-    return Counter(classify(sample, reply) for sample, reply in probe_replies(model, TokenIds(tok), tok.decode, "multikey", context_tokens, trials, seed))
+    replies = probe_replies(model, TokenIds(tok), tok.decode, "multikey", context_tokens, trials, seed, haystack=haystack)
+    return Counter(classify(sample, reply) for sample, reply in replies)
 
 
 def main() -> None:
@@ -54,18 +56,21 @@ def main() -> None:
     p.add_argument("--context", type=int, default=2048, help="haystack tokens")
     p.add_argument("--trials", type=int, default=100)
     p.add_argument("--seed", type=int, default=1234, help="the model cards' seed")
+    p.add_argument("--haystacks", nargs="+", default=["noise"], choices=list(HAYSTACKS), help="haystack kinds, a table each")
     p.add_argument("--threads", type=int, default=None)
     ns = p.parse_args()
     if ns.trials < 1:
         raise InvalidArgumentError("trials", f"must be >= 1, got {ns.trials}")
     if ns.threads:
         torch.set_num_threads(ns.threads)
-    counts = [error_counts(f, ns.context, ns.trials, ns.seed) for f in ns.folders]
-    print(f"multi-key needle (4 distractors) at {ns.context} tokens, {ns.trials} trials, seed {ns.seed}; {machine_line()}\n")
-    print("| answer | " + " | ".join(str(f) for f in ns.folders) + " |")
-    print("| --- |" + " --- |" * len(ns.folders))
-    for kind in KINDS:
-        print(f"| {kind} | " + " | ".join(str(c[kind]) for c in counts) + " |")
+    print(f"multi-key needle (4 distractors) at {ns.context} tokens, {ns.trials} trials, seed {ns.seed}; {machine_line()}")
+    for haystack in ns.haystacks:
+        counts = [error_counts(f, ns.context, ns.trials, ns.seed, haystack) for f in ns.folders]
+        print(f"\nhaystack: {haystack}\n")
+        print("| answer | " + " | ".join(str(f) for f in ns.folders) + " |")
+        print("| --- |" + " --- |" * len(ns.folders))
+        for kind in KINDS:
+            print(f"| {kind} | " + " | ".join(str(c[kind]) for c in counts) + " |", flush=True)
 
 
 if __name__ == "__main__":

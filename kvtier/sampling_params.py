@@ -7,9 +7,11 @@ field raises ``InvalidArgumentError`` naming that field and its allowed range.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from kvtier.errors import InvalidArgumentError
 
@@ -47,6 +49,24 @@ def _check_range(name: str, v: object, allowed: str, test: Callable[[float], boo
     return x
 
 
+LogitsProcessor = Callable[..., Any]
+"""vLLM's per-request hook: ``fn(output_token_ids, logits) -> logits`` or ``fn(prompt_token_ids, output_token_ids, logits) -> logits``
+on one sequence's float32 logits row [vocab], before penalties and sampling (logprobs still report the model's own)."""
+
+
+def processor_arity(fn: object) -> int:
+    """How many arguments a logits processor takes (2 or 3); anything else is a bad ``logits_processors`` entry."""
+    try:
+        params = inspect.signature(fn).parameters.values()  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        params = None
+    positional = [p for p in params or () if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    if not callable(fn) or params is None or len(positional) not in (2, 3):
+        raise InvalidArgumentError("logits_processors", f"must be a list of callables taking (output_token_ids, logits) or "
+                                                        f"(prompt_token_ids, output_token_ids, logits), got {fn!r}")
+    return len(positional)
+
+
 def _check_bool(name: str, v: object) -> None:
     if not isinstance(v, bool):
         raise InvalidArgumentError(name, f"must be True or False, got {v!r}")
@@ -82,6 +102,7 @@ class SamplingParams:
     use_beam_search: bool = False
     length_penalty: float = 1.0
     early_stopping: bool | str = False
+    logits_processors: list[LogitsProcessor] | None = None
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, 1)
@@ -116,6 +137,9 @@ class SamplingParams:
         _check_early_stopping(self.early_stopping)
         if self.use_beam_search and self.temperature != 0:
             raise InvalidArgumentError("temperature", f"must be 0 when use_beam_search is set (beam search is deterministic), got {self.temperature}")
+        self.logits_processors = _processor_list(self.logits_processors)
+        if self.logits_processors and self.use_beam_search:
+            raise InvalidArgumentError("logits_processors", "must be empty with use_beam_search (beams are ranked by the model's log-probabilities)")
 
     @property
     def is_greedy(self) -> bool:
@@ -130,6 +154,16 @@ class SamplingParams:
 def _check_early_stopping(v: object) -> None:
     if v not in (True, False, "never") or not isinstance(v, (bool, str)):
         raise InvalidArgumentError("early_stopping", f"must be True, False or \"never\" (HF transformers' beam search options), got {v!r}")
+
+
+def _processor_list(fns: object) -> list[LogitsProcessor]:
+    if fns is None:
+        return []
+    if not isinstance(fns, (list, tuple)):
+        raise InvalidArgumentError("logits_processors", f"must be a list of callables, got {fns!r}")
+    for fn in fns:
+        processor_arity(fn)
+    return list(fns)
 
 
 def _stop_list(stop: object) -> list[str]:

@@ -23,6 +23,7 @@ import random
 import re
 import sysconfig
 import tokenize
+import warnings
 from pathlib import Path
 
 from kvtier.errors import InvalidArgumentError
@@ -65,6 +66,17 @@ class Haystack:
         return list(source[self._rng.randrange(len(source)):])
 
 
+def source_texts(kind: str, split: str = "validation") -> list[str]:
+    """One text per source file of a kind (``code``, ``prose`` or ``heldout``; the split does not apply to held-out
+    text): what perplexity on that kind of text is measured over."""
+    if kind not in ("code", "prose", "heldout"):
+        raise InvalidArgumentError("haystack", f"must be code, prose or heldout for source texts, got {kind!r}")
+    if split not in SPLITS:
+        raise InvalidArgumentError("split", f"must be one of {', '.join(SPLITS)}, got {split!r}")
+    units = _heldout_sentences() if kind == "heldout" else _split_units(split, kind)
+    return [("\n" if kind == "code" else " ").join(unit) for unit in units]
+
+
 @functools.cache
 def _split_units(split: str, kind: str) -> tuple[tuple[str, ...], ...]:
     """Per file of the split: its non-blank lines (code), or its docstring and comment sentences (prose)."""
@@ -81,7 +93,9 @@ def _prose_sentences(text: str) -> tuple[str, ...]:
     """The file's docstrings and comments, flattened to one line each and split into sentences."""
     parts: list[str] = []
     try:
-        tree = ast.parse(text)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # old stdlib files with invalid escapes warn when parsed; their text is still prose
+            tree = ast.parse(text)
         parts += [doc for node in ast.walk(tree) if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
                   if (doc := ast.get_docstring(node))]
         parts += [tok.string.lstrip("#") for tok in tokenize.generate_tokens(io.StringIO(text).readline) if tok.type == tokenize.COMMENT]

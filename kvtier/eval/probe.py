@@ -1,5 +1,5 @@
-"""Run retrieval probes on a transformers model (the haystack prefilled, the question fed through decode) or through
-kvtier's engine (the whole prompt prefilled).
+"""Run retrieval probes on a transformers model or through kvtier's engine; both prefill the haystack and feed the
+question through decode steps (the engine by :class:`~kvtier.sampling.logits_processors.ForcedTokens`).
 
 Feeding the question one token at a time is how a KV-cache method that acts after prefill (eviction,
 selection) must be measured: the question's tokens see only what the method kept. With the full cache
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvtier.eval.retrieval import RetrievalSample, TokenEncoder, make_sample
+from kvtier.sampling.logits_processors import ForcedTokens
 from kvtier.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -68,32 +69,42 @@ def greedy_after_decoded_question(model: torch.nn.Module, context_ids: list[int]
 
 
 def probe_replies(model: torch.nn.Module, tokenizer: TokenEncoder, decode, task: str, context_tokens: int, trials: int, seed: int = 0,
-                  max_new_tokens: int = 12) -> Iterator[tuple[RetrievalSample, str]]:
+                  max_new_tokens: int = 12, **sample_kw: str) -> Iterator[tuple[RetrievalSample, str]]:
     """Each of ``trials`` samples (seeds ``seed + i``, depths from :func:`trial_depths`) with the model's reply.
 
-    ``tokenizer.encode`` must add ``<s>``; ``decode(ids) -> str`` turns the generated ids back into text.
+    ``tokenizer.encode`` must add ``<s>``; ``decode(ids) -> str`` turns the generated ids back into text;
+    ``sample_kw`` (haystack, split, phrasing) goes to :func:`kvtier.eval.retrieval.make_sample`.
     """
-    for sample in samples(task, tokenizer, context_tokens, trials, seed):
-        context_ids = list(tokenizer.encode(sample.context))
-        question_ids = list(tokenizer.encode(sample.prompt))[len(context_ids):]
+    for sample in samples(task, tokenizer, context_tokens, trials, seed, **sample_kw):
+        context_ids, question_ids = split_prompt(tokenizer, sample)
         yield sample, decode(greedy_after_decoded_question(model, context_ids, question_ids, max_new_tokens))
 
 
 def run_probe(model: torch.nn.Module, tokenizer: TokenEncoder, decode, task: str, context_tokens: int, trials: int, seed: int = 0,
-              max_new_tokens: int = 12) -> ProbeResult:
+              max_new_tokens: int = 12, **sample_kw: str) -> ProbeResult:
     """Accuracy of ``task`` at ``context_tokens`` over the replies of :func:`probe_replies`, overall and by depth."""
-    return score(task, context_tokens, probe_replies(model, tokenizer, decode, task, context_tokens, trials, seed, max_new_tokens))
+    return score(task, context_tokens, probe_replies(model, tokenizer, decode, task, context_tokens, trials, seed, max_new_tokens, **sample_kw))
+
+
+def split_prompt(tokenizer: TokenEncoder, sample: RetrievalSample) -> tuple[list[int], list[int]]:
+    """The sample's prompt as (haystack ids, question ids): the prompt's own tokenization, cut where the haystack's ends."""
+    context_ids = list(tokenizer.encode(sample.context))
+    return context_ids, list(tokenizer.encode(sample.prompt))[len(context_ids):]
 
 
 def engine_replies(llm: LLM, tokenizer: TokenEncoder, task: str, context_tokens: int, trials: int, seed: int = 0,
                    max_new_tokens: int = 12, **sample_kw: str) -> list[tuple[RetrievalSample, str]]:
-    """The samples of :func:`probe_replies` (``sample_kw``: haystack, split, phrasing), answered by kvtier's engine: all
-    trials in one batch, each whole prompt prefilled (in chunks, as the engine schedules it) and the answer decoded
-    greedily up to EOS."""
+    """The samples of :func:`probe_replies` answered by kvtier's engine, all trials in one batch: each haystack prefilled
+    (in the engine's chunks), its question forced through decode steps, then the answer decoded greedily up to EOS."""
     batch = samples(task, tokenizer, context_tokens, trials, seed, **sample_kw)
-    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
-    outs = llm.generate([{"prompt_token_ids": list(tokenizer.encode(s.prompt))} for s in batch], params, use_tqdm=False)
-    return [(s, o.outputs[0].text) for s, o in zip(batch, outs)]
+    prompts, params = [], []
+    for s in batch:
+        context_ids, question_ids = split_prompt(tokenizer, s)
+        prompts.append({"prompt_token_ids": context_ids})
+        params.append(SamplingParams(temperature=0.0, max_tokens=len(question_ids) + max_new_tokens, logits_processors=[ForcedTokens(question_ids)]))
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    decode = llm.get_tokenizer().decode
+    return [(s, decode(list(o.outputs[0].token_ids)[len(p.logits_processors[0].token_ids):])) for s, o, p in zip(batch, outs, params)]
 
 
 def run_engine_probe(llm: LLM, tokenizer: TokenEncoder, task: str, context_tokens: int, trials: int, seed: int = 0,

@@ -1,4 +1,5 @@
-"""From logits to next tokens: penalties, banned tokens, temperature, top-k / top-p / min-p, seeded sampling, logprobs.
+"""From logits to next tokens: logits processors, penalties, banned tokens, temperature, top-k / top-p / min-p, seeded
+sampling, logprobs.
 
 Logprobs come from the raw model distribution (before penalties and temperature), as vLLM
 reports them. Random rows sample by the exponential race, argmax(p / E) with E ~ Exp(1), which
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from kvtier.errors import InvalidArgumentError
-from kvtier.sampling_params import SamplingParams
+from kvtier.sampling_params import SamplingParams, processor_arity
 
 TokenLogprobs = dict[int, tuple[float, int]]  # token id -> (logprob, 1-based rank in the distribution)
 
@@ -117,6 +118,18 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
         logits[r, t] -= freq * counts.to(logits.dtype) + presence
 
 
+def apply_logits_processors(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """In place on float ``logits``: each row's ``params.logits_processors`` in order, on its own row (vLLM's order: before
+    penalties)."""
+    for i, row in enumerate(rows):
+        for fn in row.params.logits_processors:
+            args = (row.prompt_token_ids, row.output_token_ids) if processor_arity(fn) == 3 else (row.output_token_ids,)
+            out = fn(*args, logits[i])
+            if not isinstance(out, torch.Tensor) or out.shape != logits[i].shape:
+                raise InvalidArgumentError("logits_processors", f"must return a tensor of shape {list(logits[i].shape)}, got {out!r:.80}")
+            logits[i] = out
+
+
 def filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """Row-wise sampling distribution: logits / temperature, then top-k, then top-p (the smallest
     most-likely set whose mass reaches top_p; the top token always stays), then min-p (drop tokens
@@ -174,7 +187,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise InvalidArgumentError("logits", f"must have shape [{len(rows)}, vocab] (one row per SamplingRow), got {list(logits.shape)}")
-        plain = all(r.params.is_greedy and not r.banned_token_ids and not _needs_penalty(r.params) for r in rows)
+        plain = all(r.params.is_greedy and not r.banned_token_ids and not _needs_penalty(r.params) and not r.params.logits_processors for r in rows)
         tokens = logits.argmax(-1) if plain else self._sample(logits, rows)
         token_list = tokens.tolist()
         logprobs: list[TokenLogprobs | None] = [None] * len(rows)
@@ -188,6 +201,7 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         x = logits.to(torch.float32, copy=True)
+        apply_logits_processors(x, rows)
         apply_penalties(x, rows)
         if any(r.banned_token_ids for r in rows):
             r, t = _flat_index([r.banned_token_ids for r in rows], range(len(rows)), x.device)

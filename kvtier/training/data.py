@@ -7,20 +7,25 @@ tracking, answers included) whose lengths are drawn log-uniformly from ``min_tok
 the row, so every octave of context length gets the same share of answers; otherwise (and for the tail
 the documents do not fill) it is a window of the tokenized stdlib stream. Many short documents give the
 copying circuit many answers to learn from; the long ones teach it to reach far.
+
+Each document hides its needles in a haystack kind drawn from the mix's weights (from the corpus's train
+split) and, with ``vary_phrasing``, says them in one of the task's phrasings; the held-out haystack and
+phrasings never appear, so evaluations on them measure generalisation.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 
 from kvtier.errors import InvalidArgumentError
-from kvtier.eval.retrieval import RetrievalSample, multikey_needle, passkey, variable_tracking
+from kvtier.eval.haystacks import HAYSTACKS
+from kvtier.eval.retrieval import PHRASINGS, RetrievalSample, multikey_needle, passkey, variable_tracking
 from kvtier.training.bpe import BOS_ID, EOS_ID
 
 
@@ -43,8 +48,7 @@ def token_stream(tok: HFTokenizer, texts: list[str]) -> np.ndarray:
     return np.asarray(ids, dtype=np.int32)
 
 
-MULTIKEY_DISTRACTORS = (1, 6)  # inclusive ranges drawn per document (fewer where a short document cannot hold them)
-VARTRACK_HOPS = (1, 4)
+MULTIKEY_DISTRACTORS = (1, 6)  # inclusive range drawn per document (fewer where a short document cannot hold them)
 COPY_SEGMENT = (16, 128)  # random tokens per copy-row segment
 MIN_DOCUMENT_TOKENS = 128
 
@@ -60,6 +64,9 @@ class RetrievalMix:
     vartrack: float = 0.20
     min_tokens: int = 128  # the shortest passkey document is ~100 tokens; short documents give many answers per row
     followups: bool = False  # multi-key documents go on to ask about their other needles, as many as the row holds
+    haystacks: tuple[tuple[str, float], ...] = (("noise", 1.0),)  # (kind, weight): what documents hide needles in
+    vary_phrasing: bool = False  # draw each needle's wording among the task's training phrasings (else the default)
+    vartrack_hops: tuple[int, int] = (1, 4)  # inclusive range of chain links: a curriculum widens it stage by stage
 
     def __post_init__(self) -> None:
         for name in ("retrieval_fraction", "copy_fraction", "passkey", "multikey", "vartrack"):
@@ -73,6 +80,27 @@ class RetrievalMix:
             raise InvalidArgumentError("followups", f"must be True or False, got {self.followups!r}")
         if self.min_tokens < MIN_DOCUMENT_TOKENS:
             raise InvalidArgumentError("min_tokens", f"must be at least {MIN_DOCUMENT_TOKENS} (a passkey document's own text), got {self.min_tokens}")
+        trainable = [k for k in HAYSTACKS if k != "heldout"]
+        for kind, weight in self.haystacks:
+            if kind not in trainable:
+                raise InvalidArgumentError("haystacks", f"kinds must be among {', '.join(trainable)} (heldout is for evaluation only), got {kind!r}")
+            if not weight >= 0.0:
+                raise InvalidArgumentError("haystacks", f"weights must be >= 0, got {weight!r} for {kind}")
+        if not sum(w for _, w in self.haystacks) > 0.0:
+            raise InvalidArgumentError("haystacks", f"must name at least one kind with a positive weight, got {self.haystacks!r}")
+        low, high = self.vartrack_hops
+        if not 1 <= low <= high <= 16:
+            raise InvalidArgumentError("vartrack_hops", f"must be (low, high) with 1 <= low <= high <= 16, got {self.vartrack_hops!r}")
+
+    def with_hops(self, low: int, high: int) -> RetrievalMix:
+        """This mix with variable-tracking chains of ``low`` to ``high`` links: one stage of a curriculum."""
+        return replace(self, vartrack_hops=(low, high))
+
+    def phrasings(self, task: str) -> tuple[str | None, ...]:
+        """The wordings a ``task`` document may use: the training phrasings, or only the task's default."""
+        if not self.vary_phrasing or task not in PHRASINGS:
+            return (None,)
+        return tuple(name for name, say in PHRASINGS[task].items() if not say.held_out)
 
 
 class BatchMaker:
@@ -90,7 +118,11 @@ class BatchMaker:
         task = rng.choices(("passkey", "multikey", "vartrack"), (mix.passkey, mix.multikey, mix.vartrack))[0]
         seed, depth = rng.randrange(1 << 62), rng.random()
         budget = length - 16  # room for the completion and </s>
-        sample = self._fitting_sample(task, budget, depth, seed, rng.randint(*MULTIKEY_DISTRACTORS if task == "multikey" else VARTRACK_HOPS))
+        count = rng.randint(*MULTIKEY_DISTRACTORS if task == "multikey" else mix.vartrack_hops)
+        kinds, weights = zip(*mix.haystacks)
+        haystack = rng.choices(kinds, weights)[0]
+        phrasing = rng.choice(mix.phrasings(task))
+        sample = self._fitting_sample(task, budget, depth, seed, count, haystack, phrasing)
         asked = len(sample.followups) if mix.followups else 0
         ids = self.ids.encode(sample.prompt + sample.completion + "".join(sample.followups[:asked]))
         while asked and len(ids) > max_tokens - 1:  # drop follow-ups the row has no room for
@@ -98,16 +130,18 @@ class BatchMaker:
             ids = self.ids.encode(sample.prompt + sample.completion + "".join(sample.followups[:asked]))
         return ids[:max_tokens - 1] + [EOS_ID]
 
-    def _fitting_sample(self, task: str, budget: int, depth: float, seed: int, count: int) -> RetrievalSample:
+    def _fitting_sample(self, task: str, budget: int, depth: float, seed: int, count: int, haystack: str, phrasing: str | None) -> RetrievalSample:
         """The task's sample with ``count`` distractors (or hops) cut down until it fits ``budget``; a passkey if none does."""
-        generate = {"multikey": lambda n: multikey_needle(self.ids, budget, depth, seed, num_distractors=n),
-                    "vartrack": lambda n: variable_tracking(self.ids, budget, depth, seed, num_hops=n)}.get(task)
+        where = {"haystack": haystack, "split": "train"}
+        worded = {**where, **({"phrasing": phrasing} if phrasing else {})}
+        generate = {"multikey": lambda n: multikey_needle(self.ids, budget, depth, seed, num_distractors=n, **worded),
+                    "vartrack": lambda n: variable_tracking(self.ids, budget, depth, seed, num_hops=n, **where)}.get(task)
         for n in range(count, 0, -1) if generate else ():
             try:
                 return generate(n)
             except InvalidArgumentError:  # the generator's own length check: too many needles for this budget
                 continue
-        return passkey(self.ids, budget, depth, seed)
+        return passkey(self.ids, budget, depth, seed, **(worded if task == "passkey" else where))
 
     def copy_row(self, seq_len: int) -> list[int]:
         """A random-token segment repeated after code gaps of log-uniform length.

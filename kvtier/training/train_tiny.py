@@ -1,8 +1,10 @@
-"""``kvtier train-tiny``: train an embedded model, measure it and write its model card, in one command."""
+"""``kvtier train-tiny``: train an embedded model, measure it and write its model card, in one command (``--eval-only``:
+measure the trained folder again, resuming its ``eval_results.json``, and rewrite the card)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import shlex
 import sys
@@ -14,7 +16,8 @@ import torch
 from kvtier.errors import InvalidArgumentError
 from kvtier.machine import machine_line
 from kvtier.models.embedded import EMBEDDED_DIR
-from kvtier.training.model_card import evaluate, write_card
+from kvtier.training.evaluation import evaluate
+from kvtier.training.model_card import write_card
 from kvtier.training.recipes import RECIPES
 from kvtier.training.trainer import prepare_tokenizer, train
 
@@ -35,6 +38,8 @@ def add_train_tiny_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-trials", type=int, default=100, help="retrieval trials per task and context length")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--probe-every", type=int, default=150, help="log passkey accuracy at 512 tokens every N steps (0: never); weights do not depend on it")
+    p.add_argument("--eval-only", action="store_true", help="do not train: measure the model in --out (resuming its eval_results.json) and rewrite its card")
+    p.add_argument("--eval-budget-minutes", type=float, default=None, help="start no evaluation cell after this long; the card shows what was measured")
 
 
 def run_train_tiny(ns: argparse.Namespace) -> Path:
@@ -44,17 +49,36 @@ def run_train_tiny(ns: argparse.Namespace) -> Path:
         raise InvalidArgumentError("steps", f"must be >= 1, got {ns.steps}")
     if ns.eval_trials < 1:
         raise InvalidArgumentError("eval_trials", f"must be >= 1, got {ns.eval_trials}")
+    if ns.eval_budget_minutes is not None and not ns.eval_budget_minutes >= 0:
+        raise InvalidArgumentError("eval_budget_minutes", f"must be >= 0, got {ns.eval_budget_minutes}")
     if ns.threads:
         torch.set_num_threads(ns.threads)
     recipe = RECIPES[ns.recipe]
     out = Path(ns.out) if ns.out else EMBEDDED_DIR / recipe.name
     work = Path(ns.work_dir)
-    summary = train(recipe, out, work, seed=ns.seed, steps=ns.steps, probe_every=ns.probe_every)
-    _, _, validation = prepare_tokenizer(work, ns.seed)
-    results = evaluate(out, np.asarray(validation), ns.eval_trials)
-    if sys.argv[1:2] == ["train-tiny"]:
-        command = "kvtier train-tiny " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    if ns.eval_only:
+        summary = json.loads((out / "training_log.json").read_text())
     else:
-        command = f"kvtier train-tiny --recipe {recipe.name}"
-    write_card(out, recipe.name, DESCRIPTIONS[recipe.name], results, summary, f"{machine_line()}; Python {platform.python_version()}", command)
+        summary = train(recipe, out, work, seed=ns.seed, steps=ns.steps, probe_every=ns.probe_every)
+    _, _, validation = prepare_tokenizer(work, ns.seed)
+    budget = None if ns.eval_budget_minutes is None else 60 * ns.eval_budget_minutes
+    results = evaluate(out, np.asarray(validation), ns.eval_trials, budget_s=budget)
+    args = _without(sys.argv[2:], "--eval-only", "--eval-budget-minutes") if sys.argv[1:2] == ["train-tiny"] else ["--recipe", recipe.name]
+    command = "kvtier train-tiny " + " ".join(shlex.quote(a) for a in args)
+    write_card(out, recipe.name, DESCRIPTIONS[recipe.name], results, summary, f"{machine_line()}; Python {platform.python_version()}", command,
+               command + " --eval-only")
+    return out
+
+
+def _without(argv: list[str], flag: str, option: str) -> list[str]:
+    """``argv`` without ``flag`` and without ``option`` and its value: the command that trains and evaluates everything."""
+    out, skip = [], False
+    for a in argv:
+        if skip or a == flag or a.startswith(option + "="):
+            skip = False
+            continue
+        if a == option:
+            skip = True
+            continue
+        out.append(a)
     return out

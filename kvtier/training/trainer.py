@@ -44,6 +44,9 @@ def prepare_tokenizer(work_dir: Path, seed: int, corpus_root: Path | None = None
     return tok, train, val
 
 
+PROBE_HAYSTACKS = ("noise", "heldout")
+
+
 def lr_at(recipe: Recipe, step: int, steps: int) -> float:
     """Linear warm-up, then cosine decay over ``steps`` to ``min_lr_ratio`` of the peak."""
     if step < recipe.warmup_steps:
@@ -66,7 +69,8 @@ def train(recipe: Recipe, out_dir: Path, work_dir: Path, seed: int = 0, steps: i
     """Train ``recipe`` for ``steps`` (default: the recipe's) and write the HF folder to ``out_dir``.
 
     With ``probe_every``, every that many steps the induction accuracy and the passkey accuracy at
-    512 tokens (10 trials) are logged: retrieval appears abruptly, when the copying circuit forms.
+    512 tokens (10 trials) in the noise and the held-out haystack are logged: retrieval appears abruptly,
+    when the copying circuit forms, and generalises (or not) beyond the training text.
     """
     steps = recipe.steps if steps is None else steps
     torch.manual_seed(seed)
@@ -99,9 +103,11 @@ def train(recipe: Recipe, out_dir: Path, work_dir: Path, seed: int = 0, steps: i
         if probe_every and (step + 1) % probe_every == 0:
             model.eval()
             log[-1]["induction"] = induction_accuracy(model, tok.get_vocab_size())
-            log[-1]["passkey_512"] = run_probe(model, TokenIds(tok), tok.decode, "passkey", 512, 10, seed=10_000 + step).accuracy
+            for kind in PROBE_HAYSTACKS:
+                log[-1][f"passkey_512_{kind}"] = run_probe(model, TokenIds(tok), tok.decode, "passkey", 512, 10, seed=10_000 + step, haystack=kind).accuracy
             model.train()
-            tqdm.write(f"step {step + 1}: loss {value:.3f}, induction {log[-1]['induction']:.0%}, passkey@512 {log[-1]['passkey_512']:.0%}")
+            tqdm.write(f"step {step + 1}: loss {value:.3f}, induction {log[-1]['induction']:.0%}, passkey@512 "
+                       + ", ".join(f"{kind} {log[-1][f'passkey_512_{kind}']:.0%}" for kind in PROBE_HAYSTACKS))
         bar.set_postfix(loss=f"{value:.3f}")
     save(model, tok, recipe, out_dir)
     summary = {"recipe": recipe.name, "seed": seed, "steps": steps, "stages": [asdict(s) for s in recipe.stages], "seq_len": recipe.seq_len,

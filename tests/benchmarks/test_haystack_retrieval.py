@@ -1,5 +1,5 @@
 """The haystack-retrieval benchmark runs its grid through the engine and keeps every cell; the shipped kvtier-tiny finds
-a pass key in its own filler, with the training phrasing and a held-out one."""
+a pass key said in its training phrasing both in the filler and in text it never saw (the held-out idlelib files)."""
 
 from __future__ import annotations
 
@@ -15,5 +15,5 @@ def test_a_small_grid_keeps_every_cell(tmp_path, capsys):
     cells = {(c["phrasing"], c["haystack"]): c for c in result["cells"]}
     assert set(cells) == {(p, h) for p in ("landmark", "access-code") for h in ("noise", "heldout")}
     assert all(c["trials"] == 10 and c["context_tokens"] == 512 for c in cells.values())
-    assert cells["landmark", "noise"]["accuracy"] >= 0.9 and cells["access-code", "noise"]["accuracy"] >= 0.8
+    assert cells["landmark", "noise"]["accuracy"] >= 0.9 and cells["landmark", "heldout"]["accuracy"] >= 0.8
     assert "| passkey | landmark |" in table(result) and "| passkey | landmark |" in capsys.readouterr().out

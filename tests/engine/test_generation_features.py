@@ -101,6 +101,22 @@ def test_sample_logprobs_match_hf(llm, hf):
     assert abs(out.cumulative_logprob - sum(e[t].logprob for t, e in zip(out.token_ids, out.logprobs))) < 1e-4
 
 
+def test_forced_tokens_are_fed_through_decode_and_scored_as_hf_scores_them(llm, hf):
+    """``ForcedTokens`` makes the first outputs a given text (each one decode step), with the model's own logprobs; what
+    follows is HF's greedy continuation of prompt + that text, as if it had been prefilled."""
+    from kvtier.sampling.logits_processors import ForcedTokens
+
+    forced = [44, 301, 7, 150, 9]
+    params = SamplingParams(temperature=0.0, max_tokens=len(forced) + 6, logprobs=1, ignore_eos=True, logits_processors=[ForcedTokens(forced)])
+    out = llm.generate({"prompt_token_ids": PROMPT}, params, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids[:len(forced)] == forced
+    gen = hf.generate(torch.tensor([PROMPT + forced]), do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=2)
+    assert out.token_ids[len(forced):] == gen[0, len(PROMPT) + len(forced):].tolist()
+    ref = hf_logprobs(hf, PROMPT + out.token_ids)
+    for i, (tok, entry) in enumerate(zip(out.token_ids, out.logprobs)):
+        assert abs(entry[tok].logprob - ref[len(PROMPT) - 1 + i, tok].item()) < 1e-4, "a forced token reports the model's logprob"
+
+
 def test_prompt_logprobs_match_hf_with_chunking(llama_dir, hf):
     llm = LLM(str(llama_dir), kv_cache_memory=1 << 22, max_num_batched_tokens=16)
     prompt = [0] + [3 + (i * 37) % 500 for i in range(60)]

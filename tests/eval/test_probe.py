@@ -41,8 +41,8 @@ def test_decoded_question_matches_full_forwards(recipe):
 
 
 def test_the_engine_probe_answers_as_transformers_does_on_the_shipped_model():
-    """kvtier's engine (whole prompt prefilled in chunks of 256) and transformers (question fed through decode steps),
-    fp32 both, get the same samples of the shipped kvtier-tiny right and wrong, one by one."""
+    """kvtier's engine (haystack prefilled in chunks of 256, question forced through decode) and transformers (question
+    fed through decode steps), fp32 both, get the same samples of the shipped kvtier-tiny right and wrong, one by one."""
     from tokenizers import Tokenizer as HFTokenizer
     from transformers import AutoModelForCausalLM
 

@@ -264,6 +264,53 @@ def test_seeded_row_is_reproducible_whatever_the_batch(device):
     assert run_steps(seed=4321, index=0, batch=1, steps=20, device=device) != alone
 
 
+def test_logits_processors_run_in_order_before_penalties(device):
+    """Two-argument and three-argument processors (vLLM's forms) see their own row's history, in list order, and the
+    penalties then apply to what they return; the greedy choice is the float64 reference's argmax, logprobs stay raw."""
+    rng = np.random.default_rng(4)
+    vocab = 32
+    logits = rng.normal(0, 2, size=(6, vocab)).astype(np.float32)
+    calls = []
+
+    def boost_last(output_ids, row):  # raises the token generated last, so the repetition penalty has something to undo
+        calls.append(("boost", tuple(output_ids)))
+        row = row.clone()
+        row[output_ids[-1]] += 5.0
+        return row
+
+    def ban_prompt_start(prompt_ids, output_ids, row):
+        calls.append(("ban", tuple(output_ids)))
+        row = row.clone()
+        row[prompt_ids[0]] = float("-inf")
+        return row
+
+    rows, expect = [], []
+    for i in range(6):
+        prompt, output = rng.integers(0, vocab, size=5).tolist(), rng.integers(0, vocab, size=4).tolist()
+        fns = [boost_last, ban_prompt_start] if i % 2 else []
+        params = SamplingParams(temperature=0.0, repetition_penalty=1.5 if i % 3 else 1.0, logits_processors=fns, logprobs=0)
+        rows.append(SamplingRow(params, prompt, output))
+        z = np.array(logits[i], dtype=np.float64)
+        if fns:
+            z[output[-1]] += 5.0
+            z[prompt[0]] = -np.inf
+        z = ref_penalised(z, prompt, output, params.repetition_penalty, 0.0, 0.0)
+        expect.append(int(np.argmax(z)))
+    out = Sampler()(torch.tensor(logits, device=device), rows)
+    assert out.token_ids == expect
+    assert calls == [(name, tuple(rows[i].output_token_ids)) for i in (1, 3, 5) for name in ("boost", "ban")]
+    for i, (tok, entry) in enumerate(zip(out.token_ids, out.logprobs)):
+        assert abs(entry[tok][0] - ref_log_softmax(logits[i])[tok]) < 1e-5
+
+
+def test_a_logits_processor_returning_the_wrong_shape_is_named(device):
+    from kvtier.errors import InvalidArgumentError
+
+    params = SamplingParams(temperature=0.0, logits_processors=[lambda output_ids, row: row[:-1]])
+    with pytest.raises(InvalidArgumentError, match="logits_processors: must return a tensor of shape"):
+        Sampler()(torch.zeros(1, 8, device=device), [SamplingRow(params, [1], [])])
+
+
 def test_banned_tokens_are_never_sampled(device):
     vocab, draws = 20, 500
     logits = torch.zeros(draws, vocab, device=device)

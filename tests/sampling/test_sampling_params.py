@@ -22,6 +22,7 @@ VLLM_DEFAULTS = {
     "seed": None,
     "stop": [],
     "stop_token_ids": [],
+    "logits_processors": [],
     "include_stop_str_in_output": False,
     "ignore_eos": False,
     "max_tokens": 16,
@@ -91,6 +92,10 @@ BAD_SAMPLING = [
     ({"n": 2, "best_of": 3}, "best_of", "without use_beam_search"),
     ({"use_beam_search": True}, "temperature", "must be 0"),
     ({"use_beam_search": True, "temperature": 0.5}, "temperature", "must be 0"),
+    ({"logits_processors": len}, "logits_processors", "list of callables"),
+    ({"logits_processors": [3]}, "logits_processors", "(output_token_ids, logits)"),
+    ({"logits_processors": [lambda logits: logits]}, "logits_processors", "(prompt_token_ids, output_token_ids, logits)"),
+    ({"logits_processors": [lambda a, b: b], "use_beam_search": True, "temperature": 0.0}, "logits_processors", "use_beam_search"),
 ]
 
 

@@ -61,15 +61,19 @@ def test_a_higher_min_tokens_gives_fewer_longer_documents():
     assert len(short) > len(long)
 
 
-def test_the_last_stage_of_kvtier_tiny_draws_its_own_mix_and_the_hybrid_keeps_the_recipes():
+def test_each_stage_of_kvtier_tiny_draws_its_own_mix_and_the_hybrid_keeps_the_recipes():
     steps = 4000
-    assert KVTIER_TINY.mix_at(0, steps) == KVTIER_TINY.mix
-    assert KVTIER_TINY.mix_at(steps - 1, steps) == KVTIER_TINY.stages[-1].mix != KVTIER_TINY.mix
+    first, second, last = (KVTIER_TINY.mix_at(step, steps) for step in (0, steps // 2, steps - 1))
+    assert (first, second, last) == tuple(stage.mix for stage in KVTIER_TINY.stages)
+    assert [m.vartrack_hops for m in (first, second, last)] == [(1, 1), (1, 2), (1, 4)], "variable tracking is a curriculum"
+    assert all(m.vary_phrasing and "heldout" not in dict(m.haystacks) and len(m.haystacks) > 1 for m in (first, second, last))
     assert all(KVTIER_TINY_HYBRID.mix_at(step, steps) == KVTIER_TINY_HYBRID.mix for step in range(0, steps, 97))
 
 
 @pytest.mark.parametrize("field, value", [("retrieval_fraction", 1.5), ("copy_fraction", -0.1), ("multikey", 2.0), ("min_tokens", 64),
-                                          ("followups", "yes")])
+                                          ("followups", "yes"), ("haystacks", (("heldout", 1.0),)), ("haystacks", (("poetry", 1.0),)),
+                                          ("haystacks", (("code", -1.0),)), ("haystacks", (("code", 0.0),)), ("vartrack_hops", (0, 2)),
+                                          ("vartrack_hops", (3, 2))])
 def test_a_mix_out_of_range_is_refused_naming_the_field(field, value):
     with pytest.raises(InvalidArgumentError, match=field):
         RetrievalMix(**{field: value})
@@ -78,3 +82,25 @@ def test_a_mix_out_of_range_is_refused_naming_the_field(field, value):
 def test_fractions_that_overfill_a_row_are_refused():
     with pytest.raises(InvalidArgumentError, match="retrieval_fraction"):
         RetrievalMix(retrieval_fraction=0.9, copy_fraction=0.2)
+
+
+def test_documents_hide_their_needles_in_each_training_haystack_of_the_train_split_in_every_training_phrasing():
+    from kvtier.eval.haystacks import source_texts
+    from kvtier.eval.retrieval import PHRASINGS
+
+    tok = Tokenizer.from_file(str(TOKENIZER))
+    maker = BatchMaker(tok, np.arange(3, 4000, dtype=np.int32), seed=3)
+    mix = RetrievalMix(retrieval_fraction=1.0, copy_fraction=0.0, passkey=0.5, multikey=0.5, vartrack=0.0, haystacks=(("code", 1.0),),
+                       vary_phrasing=True)
+    rows = [maker.row(512, mix) for _ in range(12)]
+    text = "\n".join(tok.decode(row[:len(row) - row[::-1].index(EOS_ID)]) for row in rows)  # the documents, not the stream's tail
+    train_lines, validation_lines = ({line for t in source_texts("code", split) for line in t.splitlines()} for split in ("train", "validation"))
+    lines = [line for line in text.splitlines() if line.strip()]
+    task_text = ("magic number", "pass key", "important info")
+    assert not [line for line in lines if line not in train_lines and not any(t in line for t in task_text)], "the rest is train-split code"
+    assert sum(line in train_lines for line in lines) > len(lines) // 2
+    assert not [line for line in lines if line in validation_lines - train_lines], "never a line only the validation files have"
+    headers = {say.header.strip() for table in PHRASINGS.values() for say in table.values() if not say.held_out}
+    assert len({h for h in headers if h in text}) >= 2, "more than one training wording"
+    assert mix.phrasings("passkey") == ("landmark", "ruler") and mix.phrasings("vartrack") == (None,)
+    assert RetrievalMix().phrasings("multikey") == (None,), "without vary_phrasing, the default wording"

@@ -14,8 +14,7 @@ import pytest
 import transformers
 
 from kvtier.training.corpus import split_corpus, stdlib_sources
-from kvtier.training.data import RetrievalMix
-from kvtier.training.recipes import KVTIER_TINY, KVTIER_TINY_HYBRID, Stage
+from kvtier.training.recipes import KVTIER_TINY, KVTIER_TINY_HYBRID, TRAIN_MIX, Stage
 from kvtier.training.trainer import lr_at, train
 
 SMALL_ROOT = Path(sysconfig.get_paths()["stdlib"]) / "json"
@@ -23,8 +22,8 @@ SMALL = dataclasses.replace(
     KVTIER_TINY,
     config={**KVTIER_TINY.config, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
             "num_key_value_heads": 1, "head_dim": 16},
-    stages=(Stage(1.0, 1, 512),), warmup_steps=1, mix=RetrievalMix(min_tokens=400), circuit=None,
-)
+    stages=(Stage(1.0, 1, 512),), warmup_steps=1, mix=dataclasses.replace(TRAIN_MIX, min_tokens=400), circuit=None,
+)  # the shipped recipe's documents: every training haystack kind and phrasing, so their draws are part of what must reproduce
 SMALL_HYBRID = dataclasses.replace(
     KVTIER_TINY_HYBRID,
     config={**KVTIER_TINY_HYBRID.config, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "attn_layer_indices": [1],
