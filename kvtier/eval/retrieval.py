@@ -80,6 +80,11 @@ MULTIKEY_PHRASINGS = {
 PHRASINGS = {"passkey": PASSKEY_PHRASINGS, "multikey": MULTIKEY_PHRASINGS}
 
 
+def phrasing_names(task: str, held_out: bool) -> tuple[str, ...]:
+    """The names of ``task``'s held-out phrasings (evaluation only), or of its training ones."""
+    return tuple(name for name, say in PHRASINGS[task].items() if say.held_out == held_out)
+
+
 def _phrasing(task: str, name: str) -> Phrasing:
     table = PHRASINGS[task]
     if name not in table:

@@ -25,7 +25,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from kvtier.errors import InvalidArgumentError
 from kvtier.eval.haystacks import HAYSTACKS
-from kvtier.eval.retrieval import PHRASINGS, RetrievalSample, multikey_needle, passkey, variable_tracking
+from kvtier.eval.retrieval import PHRASINGS, RetrievalSample, multikey_needle, passkey, phrasing_names, variable_tracking
 from kvtier.training.bpe import BOS_ID, EOS_ID
 
 
@@ -100,7 +100,7 @@ class RetrievalMix:
         """The wordings a ``task`` document may use: the training phrasings, or only the task's default."""
         if not self.vary_phrasing or task not in PHRASINGS:
             return (None,)
-        return tuple(name for name, say in PHRASINGS[task].items() if not say.held_out)
+        return phrasing_names(task, held_out=False)
 
 
 class BatchMaker:

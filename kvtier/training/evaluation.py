@@ -22,7 +22,7 @@ from tqdm import tqdm
 from kvtier.eval.haystacks import HAYSTACKS, source_texts
 from kvtier.eval.perplexity import perplexity
 from kvtier.eval.probe import ProbeResult, run_engine_probe, run_probe
-from kvtier.eval.retrieval import PHRASINGS, TASKS
+from kvtier.eval.retrieval import PHRASINGS, TASKS, phrasing_names
 from kvtier.models.registry import MODEL_REGISTRY
 from kvtier.training.data import TokenIds, token_stream
 
@@ -58,8 +58,7 @@ def grid(backends: tuple[str, ...], contexts: tuple[int, ...] = CONTEXTS) -> lis
     cells = []
     for backend in backends:
         main = [Cell(backend, t, h, n) for n in sorted(contexts, key=lambda n: (n != first, n)) for t in TASKS for h in HAYSTACKS]
-        held = [Cell(backend, t, h, first, name) for t, table in PHRASINGS.items() for name, say in table.items() if say.held_out
-                for h in HAYSTACKS]
+        held = [Cell(backend, t, h, first, name) for t in PHRASINGS for name in phrasing_names(t, held_out=True) for h in HAYSTACKS]
         lead = [c for c in main if c.context_tokens == first and c.task in PHRASINGS]
         cells += lead + (held if backend == backends[0] else []) + [c for c in main if c not in lead]
     return cells

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from kvtier.eval.haystacks import HAYSTACKS, HELDOUT_FILES
-from kvtier.eval.retrieval import PHRASINGS, TASKS
+from kvtier.eval.retrieval import PHRASINGS, TASKS, phrasing_names
 from kvtier.training.data import COPY_SEGMENT, MULTIKEY_DISTRACTORS
 
 
@@ -63,7 +63,7 @@ def phrasing_table(results: dict) -> str:
     """The held-out key phrases (at 2K): a row per task and phrasing, a column per haystack kind, the first backend's figures."""
     cells = _by_cell(results)
     backend = results["backends"][0]
-    rows = [(t, name) for t, table in PHRASINGS.items() for name, say in table.items() if say.held_out]
+    rows = [(t, name) for t in PHRASINGS for name in phrasing_names(t, held_out=True)]
     lines = ["| task | phrasing | " + " | ".join(HAYSTACKS) + " |", "| --- | --- |" + " --- |" * len(HAYSTACKS)]
     for task, name in rows:
         lines.append(f"| {task} | {name} | " + " | ".join(_pct(cells.get((backend, task, h, results['held_out_context'], name))) for h in HAYSTACKS) + " |")
@@ -108,7 +108,7 @@ def _haystacks(mix: dict) -> str:
 def _wording(mix: dict) -> str:
     if not mix.get("vary_phrasing"):
         return ", in each task's default wording"
-    names = [f"{task}: {', '.join(n for n, say in table.items() if not say.held_out)}" for task, table in PHRASINGS.items()]
+    names = [f"{task}: {', '.join(phrasing_names(task, held_out=False))}" for task in PHRASINGS]
     return f", worded in every training phrasing ({'; '.join(names)})"
 
 
