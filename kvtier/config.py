@@ -35,7 +35,7 @@ class EngineArgs:
     kv_cache_memory: int | None = None  # bytes of KV cache; None: 1 GiB on CPU, from gpu_memory_utilization on GPU
     gpu_memory_utilization: float = 0.9  # fraction of GPU memory for weights + activations + KV cache
     swap_space: float = 4.0  # GiB of host memory for swapped-out blocks
-    enable_prefix_caching: bool = True
+    enable_prefix_caching: bool | None = None  # None: on, except for a hybrid, whose recurrent state no block hash can resume
     prefix_caching_hash_algo: str = "sha256"  # vLLM's flag: "sha256", or "builtin" (Python's hash: faster, collides more; hits stay exact)
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
@@ -43,6 +43,9 @@ class EngineArgs:
     preemption_mode: str = "recompute"
     max_logprobs: int = 20
     attention_backend: str = "paged"  # see kvtier.attention.registry
+    mamba_cache_dtype: str = "auto"  # vLLM's flag: a hybrid's conv and SSM states ("auto": the model's dtype)
+    mamba_ssm_cache_dtype: str = "auto"  # vLLM's flag: the SSM state alone ("auto": as mamba_cache_dtype)
+    mamba_full_memory_ratio: float | None = None  # SGLang's flag: state bytes over K/V bytes; None: one slot per longest sequence
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -50,8 +53,14 @@ class EngineArgs:
         self.model = resolve_model(self.model)
         if self.tokenizer is not None:
             self.tokenizer = resolve_model(self.tokenizer)
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half", "float"):
-            raise InvalidArgumentError("dtype", f"must be one of auto, float32, bfloat16, float16; got {self.dtype!r}")
+        for name in ("dtype", "mamba_cache_dtype", "mamba_ssm_cache_dtype"):
+            if getattr(self, name) not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half", "float"):
+                raise InvalidArgumentError(name, f"must be one of auto, float32, bfloat16, float16; got {getattr(self, name)!r}")
+        if self.enable_prefix_caching not in (None, True, False):
+            raise InvalidArgumentError("enable_prefix_caching", f"must be True, False or None (on unless a hybrid), got {self.enable_prefix_caching!r}")
+        if self.mamba_full_memory_ratio is not None and not (isinstance(self.mamba_full_memory_ratio, (int, float))
+                                                             and 0 < self.mamba_full_memory_ratio < float("inf")):
+            raise InvalidArgumentError("mamba_full_memory_ratio", f"must be a number > 0, or None for the default split; got {self.mamba_full_memory_ratio!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise InvalidArgumentError("device", f"must be auto, cpu or cuda; got {self.device!r}")
         _require_int("seed", self.seed, 0)

@@ -24,10 +24,11 @@ class AttentionBackend(ABC):
     name: ClassVar[str]
 
     @abstractmethod
-    def plan(self, seqs: list[ScheduledTokens], block_size: int, windows: list[int | None],
+    def plan(self, seqs: list[ScheduledTokens], block_size: int, windows: dict[int, int | None],
              device: torch.device) -> tuple[list[ScheduledTokens], list[AttentionMetadata]]:
-        """The step's sequences in the order their tokens are laid out in the batch, and for each layer group (whose
-        sliding window, or None, ``windows`` gives) the metadata for that layout over the group's block tables."""
+        """The step's sequences in the order their tokens are laid out in the batch, and for each attention layer group
+        (``windows`` maps its index among the step's block tables to its sliding window, or None) the metadata for that
+        layout over the group's block tables, in ``windows``' order."""
 
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

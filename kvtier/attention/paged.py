@@ -123,11 +123,11 @@ class PagedAttentionBackend(AttentionBackend):
 
     name = "paged"
 
-    def plan(self, seqs: list[ScheduledTokens], block_size: int, windows: list[int | None],
+    def plan(self, seqs: list[ScheduledTokens], block_size: int, windows: dict[int, int | None],
              device: torch.device) -> tuple[list[ScheduledTokens], list[AttentionMetadata]]:
         decodes = sorted((s for s in seqs if s.num_tokens == 1), key=lambda s: s.start)
         prefills = [s for s in seqs if s.num_tokens > 1]
-        metas = [self._metadata(decodes, prefills, g, window, block_size, device) for g, window in enumerate(windows)]
+        metas = [self._metadata(decodes, prefills, g, window, block_size, device) for g, window in windows.items()]
         return decodes + prefills, metas
 
     @staticmethod

@@ -13,14 +13,16 @@ from dataclasses import dataclass
 
 from kvtier.cache.block_pool import KVBlock
 from kvtier.cache.full_attention import FullAttentionManager
+from kvtier.cache.mamba_state import MambaStateManager
 from kvtier.cache.memory_plan import MemoryPlan
 from kvtier.cache.ops import CacheOps
 from kvtier.cache.sliding_window import SlidingWindowManager
-from kvtier.cache.specs import FullAttentionSpec, KVCacheSpec, SlidingWindowSpec
+from kvtier.cache.specs import FullAttentionSpec, KVCacheSpec, MambaSpec, SlidingWindowSpec
 
 MANAGERS: dict[type[KVCacheSpec], type[FullAttentionManager]] = {
     FullAttentionSpec: FullAttentionManager,
     SlidingWindowSpec: SlidingWindowManager,
+    MambaSpec: MambaStateManager,
 }
 
 
@@ -116,8 +118,8 @@ class KVCacheCoordinator:
             m.swap_out(seq_ids)
 
     def can_swap_in(self, seq_ids: Sequence[int]) -> bool:
-        """Room for the swapped blocks plus one new or copied block per sequence and the watermark, in every group."""
-        return all(m.can_swap_in(seq_ids, 2 * len(seq_ids) + m.watermark) for m in self.managers)
+        """Room for the swapped blocks plus what their next step needs (``swap_in_reserve``), in every group."""
+        return all(m.can_swap_in(seq_ids, m.swap_in_reserve(len(seq_ids))) for m in self.managers)
 
     def swap_in(self, seq_ids: Sequence[int]) -> None:
         for m in self.managers:

@@ -14,14 +14,14 @@ from collections.abc import Sequence
 from kvtier.cache.block_pool import BlockPool, KVBlock
 from kvtier.cache.ops import CacheOps, MoveKind
 from kvtier.cache.prefix_cache import BlockHashPrefixCache, PrefixCache
-from kvtier.cache.specs import FullAttentionSpec, blocks_needed
+from kvtier.cache.specs import KVCacheSpec
 
 Table = list[KVBlock | None]
 Wanted = Sequence[tuple[int, int, Sequence[KVBlock | None]]]  # (seq_id, tokens to hold, its prefix hit's blocks)
 
 
 class FullAttentionManager:
-    def __init__(self, spec: FullAttentionSpec, num_blocks: int, num_host_blocks: int = 0, enable_prefix_caching: bool = True,
+    def __init__(self, spec: KVCacheSpec, num_blocks: int, num_host_blocks: int = 0, enable_prefix_caching: bool = True,
                  prefix_caching_hash_algo: str = "sha256") -> None:
         self.spec = spec
         self.block_size = spec.block_size
@@ -62,7 +62,7 @@ class FullAttentionManager:
         """Release blocks no future query of the sequence reads; full attention reads them all."""
 
     def can_allocate(self, seq_id: int, num_total_tokens: int, reserve: int = 0) -> bool:
-        need = blocks_needed(num_total_tokens, self.block_size) - len(self.tables.get(seq_id, ()))
+        need = self.spec.blocks_for(num_total_tokens) - len(self.tables.get(seq_id, ()))
         return need + self._cow_need(seq_id) <= self.pool.num_free - reserve
 
     def allocate(self, seq_id: int, num_computed: int, num_total_tokens: int) -> None:
@@ -72,7 +72,7 @@ class FullAttentionManager:
         """
         table = self.tables.setdefault(seq_id, [])
         self._copy_on_write(table, num_computed)
-        while len(table) < blocks_needed(num_total_tokens, self.block_size):
+        while len(table) < self.spec.blocks_for(num_total_tokens):
             table.append(self.pool.allocate())
 
     def can_admit(self, wanted: Wanted, reserve: int = 0) -> bool:
@@ -80,7 +80,7 @@ class FullAttentionManager:
         reused = {id(b): b for _, _, prefix in wanted for b in prefix if b is not None}
         # cached blocks about to be reused leave the evictable set, so they do not count as free
         reused_free = sum(1 for b in reused.values() if b.ref_count == 0)
-        need = sum(max(0, blocks_needed(total, self.block_size) - len(prefix)) for _, total, prefix in wanted)
+        need = sum(max(0, self.spec.blocks_for(total) - len(prefix)) for _, total, prefix in wanted)
         return need <= self.pool.num_free - reused_free - reserve
 
     def admit(self, wanted: Wanted) -> None:
@@ -98,7 +98,7 @@ class FullAttentionManager:
             self.tables[seq_id] = list(prefix)
         for seq_id, total, _ in wanted:
             table = self.tables[seq_id]
-            while len(table) < blocks_needed(total, self.block_size):
+            while len(table) < self.spec.blocks_for(total):
                 table.append(self.pool.allocate())
 
     def _cow_need(self, seq_id: int) -> int:
@@ -155,6 +155,10 @@ class FullAttentionManager:
 
     def can_swap_in(self, seq_ids: Sequence[int], reserve: int = 0) -> bool:
         return self._distinct([self.host_tables[s] for s in seq_ids]) <= self.pool.num_free - reserve
+
+    def swap_in_reserve(self, num_seqs: int) -> int:
+        """Free blocks a swap-in must leave: one new and one copied block per sequence, and the watermark."""
+        return 2 * num_seqs + self.watermark
 
     def swap_in(self, seq_ids: Sequence[int]) -> None:
         _move_tables(seq_ids, self.host_tables, self.host_pool, self.tables, self.pool, self.ops, "swap_in")

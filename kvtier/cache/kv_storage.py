@@ -1,53 +1,127 @@
-"""The physical K/V tensors: per layer group, one device pool and one host pool, sized by the memory plan."""
+"""The physical cache tensors: per layer group, one device pool and one host pool, sized by the memory plan.
+
+Each group's tensors are laid out by its kind: attention groups keep K and V in token slots of blocks,
+Mamba2 groups keep a conv and an SSM state per slot. Both answer the same two questions (each layer's
+pair of tensors, and how to do a batch of block moves), so the runner and the worker need not know which.
+"""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import torch
 
-from kvtier.cache.memory_plan import MemoryPlan
-from kvtier.cache.ops import CacheOps
+from kvtier.cache.memory_plan import GroupPlan, MemoryPlan
+from kvtier.cache.ops import CacheOps, MoveKind
+from kvtier.cache.specs import FullAttentionSpec, KVCacheSpec, MambaSpec, SlidingWindowSpec
 
 
-class KVStorage:
-    """Per group, K and V of its layers as [layers, 2, kv_heads, num_blocks * block_size, head_dim]; a block id means
-    the same slots in every layer of its group."""
+class GroupStorage(ABC):
+    @abstractmethod
+    def layer_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The pair of tensors each layer of the group reads and writes, in the group's layer order."""
 
-    def __init__(self, plan: MemoryPlan, device: torch.device) -> None:
-        self.block_size = plan.block_size
-        self.device_kv: list[torch.Tensor] = []
-        self.host_kv: list[torch.Tensor] = []
-        self._layers: dict[int, tuple[int, int]] = {}  # model layer -> (group, index in group)
-        pin = device.type == "cuda"
-        for g, gp in enumerate(plan.groups):
-            spec = gp.group.spec
-            shape = (len(gp.group.layers), 2, spec.num_kv_heads)
-            # zeros, not empty: padded gathers read unused slots, and NaN garbage would leak through masks
-            self.device_kv.append(torch.zeros(*shape, gp.num_blocks * self.block_size, spec.head_dim, dtype=spec.dtype, device=device))
-            self.host_kv.append(torch.zeros(*shape, gp.num_host_blocks * self.block_size, spec.head_dim, dtype=spec.dtype, pin_memory=pin))
-            self._layers.update({layer: (g, i) for i, layer in enumerate(gp.group.layers)})
+    @abstractmethod
+    def move(self, kind: MoveKind, pairs: list[tuple[int, int]]) -> None:
+        """Copy blocks ``src -> dst`` within the device pool (copy) or between device and host (swap)."""
+
+    @abstractmethod
+    def tensors(self) -> list[torch.Tensor]:
+        """The group's device tensors, then its host tensors."""
+
+
+class AttentionStorage(GroupStorage):
+    """K and V of the group's layers as [layers, 2, kv_heads, num_blocks * block_size, head_dim]; a block id means
+    the same slots in every layer of the group."""
+
+    def __init__(self, gp: GroupPlan, block_size: int, device: torch.device) -> None:
+        spec: FullAttentionSpec = gp.group.spec
+        self.block_size = block_size
+        shape = (len(gp.group.layers), 2, spec.num_kv_heads)
+        # zeros, not empty: padded gathers read unused slots, and NaN garbage would leak through masks
+        self.device = torch.zeros(*shape, gp.num_blocks * block_size, spec.head_dim, dtype=spec.dtype, device=device)
+        self.host = torch.zeros(*shape, gp.num_host_blocks * block_size, spec.head_dim, dtype=spec.dtype, pin_memory=device.type == "cuda")
 
     def layer_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(K, V) of every model layer, in layer order."""
-        return [(self.device_kv[g][i, 0], self.device_kv[g][i, 1]) for _, (g, i) in sorted(self._layers.items())]
+        return [(kv[0], kv[1]) for kv in self.device]
 
-    def layer_groups(self) -> list[int]:
-        """The group of every model layer, in layer order."""
-        return [g for _, (g, _) in sorted(self._layers.items())]
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.device, self.host]
 
     def _slots(self, blocks: list[int], device: torch.device) -> torch.Tensor:
         ids = torch.tensor(blocks, dtype=torch.long, device=device)
         return (ids[:, None] * self.block_size + torch.arange(self.block_size, device=device)).flatten()
 
-    def _move(self, src: torch.Tensor, dst: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
+    def move(self, kind: MoveKind, pairs: list[tuple[int, int]]) -> None:
+        src, dst = _spaces(self.device, self.host)[kind]
         s = self._slots([p[0] for p in pairs], src.device)
         d = self._slots([p[1] for p in pairs], dst.device)
         dst[:, :, :, d] = src[:, :, :, s].to(dst.device)
 
+
+class StateStorage(GroupStorage):
+    """The conv states [layers, slots, conv_dim, K-1] and SSM states [layers, slots, H, P, N] of a Mamba2 group."""
+
+    def __init__(self, gp: GroupPlan, block_size: int, device: torch.device) -> None:
+        spec: MambaSpec = gp.group.spec
+        layers, pin = len(gp.group.layers), device.type == "cuda"
+        self.device = [torch.zeros(layers, gp.num_blocks, *shape, dtype=dt, device=device)
+                       for shape, dt in ((spec.conv_shape, spec.conv_dtype), (spec.ssm_shape, spec.ssm_dtype))]
+        self.host = [torch.zeros(layers, gp.num_host_blocks, *shape, dtype=dt, pin_memory=pin)
+                     for shape, dt in ((spec.conv_shape, spec.conv_dtype), (spec.ssm_shape, spec.ssm_dtype))]
+
+    def layer_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        conv, ssm = self.device
+        return [(conv[i], ssm[i]) for i in range(conv.shape[0])]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.device, *self.host]
+
+    def move(self, kind: MoveKind, pairs: list[tuple[int, int]]) -> None:
+        for dev, host in zip(self.device, self.host):
+            src, dst = _spaces(dev, host)[kind]
+            s = torch.tensor([p[0] for p in pairs], dtype=torch.long, device=src.device)
+            d = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=dst.device)
+            dst[:, d] = src[:, s].to(dst.device)
+
+
+def _spaces(device: torch.Tensor, host: torch.Tensor) -> dict[MoveKind, tuple[torch.Tensor, torch.Tensor]]:
+    return {"copy": (device, device), "swap_out": (device, host), "swap_in": (host, device)}
+
+
+STORAGES: dict[type[KVCacheSpec], type[GroupStorage]] = {
+    FullAttentionSpec: AttentionStorage,
+    SlidingWindowSpec: AttentionStorage,
+    MambaSpec: StateStorage,
+}
+
+
+class KVStorage:
+    """Every layer group's storage, and which group and index each model layer has."""
+
+    def __init__(self, plan: MemoryPlan, device: torch.device) -> None:
+        self.block_size = plan.block_size
+        self.groups = [STORAGES[type(gp.group.spec)](gp, plan.block_size, device) for gp in plan.groups]
+        self._layers: dict[int, tuple[int, int]] = {}  # model layer -> (group, index in group)
+        for g, gp in enumerate(plan.groups):
+            self._layers.update({layer: (g, i) for i, layer in enumerate(gp.group.layers)})
+
+    def layer_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each model layer's pair of tensors ((K, V), or (conv, SSM) state), in layer order."""
+        per_group = [g.layer_caches() for g in self.groups]
+        return [per_group[g][i] for _, (g, i) in sorted(self._layers.items())]
+
+    def layer_groups(self) -> list[int]:
+        """The group of every model layer, in layer order."""
+        return [g for _, (g, _) in sorted(self._layers.items())]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every device and host tensor of every group, in a fixed order: what a snapshot of the cache copies."""
+        return [t for g in self.groups for t in g.tensors()]
+
     def apply(self, ops: Sequence[CacheOps]) -> None:
         """Do each group's moves in the order they were decided, one batch per run (see ``CacheOps.runs``)."""
-        for dev, host, group_ops in zip(self.device_kv, self.host_kv, ops):
-            spaces = {"copy": (dev, dev), "swap_out": (dev, host), "swap_in": (host, dev)}
+        for storage, group_ops in zip(self.groups, ops):
             for kind, pairs in group_ops.runs():
-                self._move(*spaces[kind], pairs)
+                storage.move(kind, pairs)

@@ -1,15 +1,19 @@
 """How the KV budget becomes blocks, per layer group; reported by ``kvtier info``.
 
 The budget is split among groups in proportion to what one sequence of ``max_model_len`` tokens
-takes in each (its bytes per token times the tokens it holds at once), so every group runs out at
-the same number of longest sequences: a sliding-window group, which holds only its window and a
-chunk, gets a small share and leaves the rest to full attention.
+takes in each (the bytes of the blocks it holds at once), so every group runs out at the same number
+of longest sequences: a sliding-window group, which holds only its window and a chunk, gets a small
+share and leaves the rest to full attention; a hybrid's Mamba2 state group gets one slot's bytes per
+longest sequence. ``mamba_full_memory_ratio`` (SGLang's flag: state bytes over K/V bytes) sets the
+state groups' share instead.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,7 +34,7 @@ class GroupPlan:
 
     @property
     def bytes_per_block(self) -> int:
-        return self.group.bytes_per_token * self.group.spec.block_size
+        return self.group.bytes_per_block
 
 
 @dataclass(frozen=True)
@@ -45,14 +49,20 @@ class MemoryPlan:
         return sum(g.group.bytes_per_token for g in self.groups)
 
     @classmethod
-    def split(cls, groups: Sequence[KVCacheGroup], budget_bytes: int, swap_bytes: int, max_model_len: int, max_chunk: int) -> MemoryPlan:
-        weights = [g.bytes_per_token * g.spec.max_blocks(max_model_len, max_chunk) for g in groups]
-        total = sum(weights)
+    def split(cls, groups: Sequence[KVCacheGroup], budget_bytes: int, swap_bytes: int, max_model_len: int, max_chunk: int,
+              mamba_full_memory_ratio: float | None = None) -> MemoryPlan:
+        weights = [g.bytes_per_block * g.spec.max_blocks(max_model_len, max_chunk) for g in groups]
+        state = [g.bytes_per_token == 0 for g in groups]  # per-sequence state, no per-token K/V
+        if mamba_full_memory_ratio is not None and any(state) and not all(state):
+            ratio = Fraction(mamba_full_memory_ratio)
+            totals = {True: sum(w for w, s in zip(weights, state) if s), False: sum(w for w, s in zip(weights, state) if not s)}
+            shares = [(ratio if s else 1) / (1 + ratio) * Fraction(w, totals[s]) for w, s in zip(weights, state)]
+        else:
+            shares = [Fraction(w, sum(weights)) for w in weights]
         plans = []
-        for g, w in zip(groups, weights):
-            per_block = g.bytes_per_token * g.spec.block_size
-            share, swap_share = budget_bytes * w // total, swap_bytes * w // total
-            plans.append(GroupPlan(g, share, share // per_block, swap_share // per_block))
+        for g, share in zip(groups, shares):
+            budget, swap = math.floor(budget_bytes * share), math.floor(swap_bytes * share)
+            plans.append(GroupPlan(g, budget, budget // g.bytes_per_block, swap // g.bytes_per_block))
         return cls(groups[0].spec.block_size, budget_bytes, tuple(plans))
 
 

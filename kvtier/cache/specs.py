@@ -2,12 +2,14 @@
 
 The model config yields one ``KVCacheGroup`` per set of layers with the same kind of cache (after
 vLLM v1's KVCacheSpec): full attention keeps every token's K/V; a sliding-window layer needs only
-the last ``window`` tokens. A new kind of state (Mamba's per-sequence SSM state, K and V in
-different tiers) is a new spec with its own manager, and nothing above the coordinator changes.
+the last ``window`` tokens; a Mamba2 layer keeps one fixed-size state per sequence, whatever its
+length (one "block" of its own size). A new kind of state (K and V in different tiers) is a new spec
+with its own manager, and nothing above the coordinator changes.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -28,7 +30,16 @@ class KVCacheSpec(ABC):
     @property
     @abstractmethod
     def bytes_per_token(self) -> int:
-        """Bytes one token takes in one layer (a per-sequence state spreads its bytes over its block)."""
+        """Bytes one token takes in one layer (0 for a per-sequence state)."""
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes one block takes in one layer."""
+        return self.bytes_per_token * self.block_size
+
+    def blocks_for(self, num_tokens: int) -> int:
+        """Blocks a sequence's table holds to cover ``num_tokens`` tokens."""
+        return blocks_needed(num_tokens, self.block_size)
 
     @abstractmethod
     def max_blocks(self, num_tokens: int, max_chunk: int) -> int:
@@ -87,6 +98,38 @@ class SlidingWindowSpec(FullAttentionSpec):
 
 
 @dataclass(frozen=True)
+class MambaSpec(KVCacheSpec):
+    """One Mamba2 layer's state for a sequence: the conv window and the SSM state, held in one slot (a block of
+    the group's pool) from the first token to the last, whatever the length."""
+
+    block_size: int  # the engine's, so prefix-hit arithmetic stays uniform; a slot holds no tokens
+    conv_shape: tuple[int, ...]
+    ssm_shape: tuple[int, ...]
+    conv_dtype: torch.dtype
+    ssm_dtype: torch.dtype
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 0
+
+    @property
+    def bytes_per_block(self) -> int:
+        """One slot: the conv state and the SSM state of one layer."""
+        return sum(math.prod(shape) * torch.tensor([], dtype=dt).element_size()
+                   for shape, dt in ((self.conv_shape, self.conv_dtype), (self.ssm_shape, self.ssm_dtype)))
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return 1 if num_tokens > 0 else 0
+
+    def max_blocks(self, num_tokens: int, max_chunk: int) -> int:
+        return 1
+
+    @property
+    def label(self) -> str:
+        return "mamba2 state"
+
+
+@dataclass(frozen=True)
 class KVCacheGroup:
     """Layers (by index in the model) that share one spec, and so one block table per sequence."""
 
@@ -97,12 +140,24 @@ class KVCacheGroup:
     def bytes_per_token(self) -> int:
         return self.spec.bytes_per_token * len(self.layers)
 
+    @property
+    def bytes_per_block(self) -> int:
+        return self.spec.bytes_per_block * len(self.layers)
 
-def kv_cache_groups(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> list[KVCacheGroup]:
-    """One group per distinct per-layer cache kind, in order of first appearance."""
+
+def kv_cache_groups(cfg: ModelConfig, block_size: int, dtype: torch.dtype,
+                    mamba_dtypes: tuple[torch.dtype, torch.dtype] | None = None) -> list[KVCacheGroup]:
+    """One group per distinct per-layer cache kind, in order of first appearance. A hybrid's Mamba2 layers keep
+    their conv and SSM states in ``mamba_dtypes`` (default: ``dtype``)."""
     layers: dict[KVCacheSpec, list[int]] = {}
     for i, window in enumerate(cfg.sliding_windows):
-        spec = (FullAttentionSpec(block_size, cfg.num_key_value_heads, cfg.head_dim, dtype) if window is None
-                else SlidingWindowSpec(block_size, cfg.num_key_value_heads, cfg.head_dim, dtype, window))
+        if i in cfg.mamba_layers:
+            m = cfg.mamba
+            conv_dtype, ssm_dtype = mamba_dtypes or (dtype, dtype)
+            spec: KVCacheSpec = MambaSpec(block_size, (m.conv_dim, m.conv_kernel - 1), (m.num_heads, m.head_dim, m.state_size), conv_dtype, ssm_dtype)
+        elif window is None:
+            spec = FullAttentionSpec(block_size, cfg.num_key_value_heads, cfg.head_dim, dtype)
+        else:
+            spec = SlidingWindowSpec(block_size, cfg.num_key_value_heads, cfg.head_dim, dtype, window)
         layers.setdefault(spec, []).append(i)
     return [KVCacheGroup(spec, tuple(ids)) for spec, ids in layers.items()]

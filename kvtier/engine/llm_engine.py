@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import replace
 
@@ -29,6 +30,8 @@ from kvtier.sampling.sampler import Sampler, SamplingRow, compute_logprobs
 from kvtier.sampling_params import BeamSearchParams, SamplingParams
 from kvtier.tokenizer import Tokenizer
 
+logger = logging.getLogger(__name__)
+
 
 class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
@@ -49,14 +52,15 @@ class LLMEngine:
         budget = args.max_num_batched_tokens or (2048 if args.enable_chunked_prefill else self.max_model_len)
         if not args.enable_chunked_prefill and budget < self.max_model_len:
             raise InvalidArgumentError("max_num_batched_tokens", f"must be >= max_model_len ({self.max_model_len}) without chunked prefill, got {budget}")
-        groups = kv_cache_groups(cfg, args.block_size, dtype)
+        groups = kv_cache_groups(cfg, args.block_size, dtype, self._mamba_dtypes(dtype))
         swap = int(args.swap_space * GiB) if args.preemption_mode == "swap" else 0
-        self.memory_plan = MemoryPlan.split(groups, kv_budget_bytes(args, cfg, self.device), swap, self.max_model_len, budget)
+        self.memory_plan = MemoryPlan.split(groups, kv_budget_bytes(args, cfg, self.device), swap, self.max_model_len, budget,
+                                            args.mamba_full_memory_ratio)
         self._check_plan()
-        self.kv = KVCacheCoordinator(self.memory_plan, budget, args.enable_prefix_caching, args.prefix_caching_hash_algo)
+        self.kv = KVCacheCoordinator(self.memory_plan, budget, self._prefix_caching(), args.prefix_caching_hash_algo)
         self.storage = KVStorage(self.memory_plan, self.device)
         self.scheduler = Scheduler(self.kv, args.max_num_seqs, budget, args.enable_chunked_prefill, args.preemption_mode)
-        self.runner = ModelRunner(self.model, self.storage, [g.spec.sliding_window for g in groups], self.device, self.attention)
+        self.runner = ModelRunner(self.model, self.storage, [g.spec for g in groups], self.device, self.attention)
         self.inputs = InputProcessor(self.tokenizer, cfg.vocab_size, self.max_model_len, self.kv, args.max_logprobs)
         self.sampler = Sampler()
         self.output = OutputProcessor(self.tokenizer, self.max_model_len)
@@ -64,6 +68,24 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0, "requests_aborted": 0}
+
+    def _mamba_dtypes(self, dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+        """A hybrid's (conv, SSM) state dtypes from vLLM's two flags; "auto" follows the model, then the first flag."""
+        conv = dtype if self.args.mamba_cache_dtype == "auto" else parse_dtype(self.args.mamba_cache_dtype, "mamba_cache_dtype")
+        ssm = conv if self.args.mamba_ssm_cache_dtype == "auto" else parse_dtype(self.args.mamba_ssm_cache_dtype, "mamba_ssm_cache_dtype")
+        return conv, ssm
+
+    def _prefix_caching(self) -> bool:
+        """On by default; off for a hybrid, where reusing the K/V of a block-hash hit would still leave its Mamba2 state to
+        recompute from the start (Marconi's prefix cache, its own issue, keeps states at chosen positions)."""
+        asked = self.args.enable_prefix_caching
+        if not self.model_config.mamba_layers:
+            return asked is not False
+        if asked:
+            raise InvalidArgumentError("enable_prefix_caching", f"must be off for the hybrid {self.model_config.architecture}: its Mamba2 layers "
+                                       "keep one recurrent state per sequence, which cannot be cut back to a cached prefix; leave it unset")
+        logger.info("prefix caching is off: %s is a hybrid (attention + Mamba2) model", self.model_config.architecture)
+        return False
 
     def _check_plan(self) -> None:
         for g in self.memory_plan.groups:

@@ -1,7 +1,8 @@
 """Turns a ``SchedulerOutput`` into tensors, runs the model once, and returns only the logits needed.
 
 It knows the model, the KV storage and the attention backend, and nothing of the scheduler or the
-cache managers: every step arrives as plain data.
+cache managers: every step arrives as plain data. Attention groups get their metadata from the
+backend; a hybrid's Mamba2 state groups get the slots of the same token layout.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from torch import nn
 from kvtier.attention.backend import AttentionBackend
 from kvtier.attention.metadata import AttentionMetadata, ScheduledTokens
 from kvtier.cache.kv_storage import KVStorage
+from kvtier.cache.specs import KVCacheSpec, MambaSpec
 from kvtier.engine.scheduler_output import SchedulerOutput
+from kvtier.ssm.metadata import plan_states
 
 
 @dataclass
@@ -27,12 +30,13 @@ class StepLogits:
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, storage: KVStorage, windows: list[int | None], device: torch.device, backend: AttentionBackend) -> None:
-        """``windows``: each layer group's sliding window (None for full attention), in the storage's group order."""
+    def __init__(self, model: nn.Module, storage: KVStorage, specs: list[KVCacheSpec], device: torch.device, backend: AttentionBackend) -> None:
+        """``specs``: each layer group's cache spec, in the storage's group order."""
         self.model = model
         self.backend = backend
         self.storage = storage
-        self.windows = windows
+        self.specs = specs
+        self.attention_groups = [g for g, spec in enumerate(specs) if not isinstance(spec, MambaSpec)]
         self.device = device
         self.block_size = storage.block_size
         self.kv_caches = storage.layer_caches()
@@ -45,10 +49,15 @@ class ModelRunner:
         self.storage.apply(step.ops)
         if not step.seqs:
             return StepLogits({}, {})
-        ordered, group_metas = self.backend.plan(list(step.seqs), self.block_size, self.windows, self.device)
+        windows = {g: self.specs[g].sliding_window for g in self.attention_groups}
+        ordered, attention = self.backend.plan(list(step.seqs), self.block_size, windows, self.device)
         if decode_probs:
-            for meta in group_metas:
+            for meta in attention:
                 meta.decode_probs = []
+        group_metas = dict(zip(self.attention_groups, attention))
+        for g in range(len(self.specs)):
+            if g not in group_metas:
+                group_metas[g] = plan_states(ordered, g, self.device)
         ids = [t for s in ordered for t in s.token_ids]
         positions = [p for s in ordered for p in range(s.start, s.start + s.num_tokens)]
         metas = [group_metas[g] for g in self.layer_groups]
@@ -58,11 +67,13 @@ class ModelRunner:
             result.decode_probs = self._decode_probs(ordered, group_metas)
         return result
 
-    def _decode_probs(self, ordered: list[ScheduledTokens], group_metas: list[AttentionMetadata]) -> dict[int, torch.Tensor]:
-        """Each decode sequence's probabilities, layer by layer, scattered from gathered keys to key positions."""
-        calls = {g: iter(meta.decode_probs) for g, meta in enumerate(group_metas)}  # a group's layers appended in layer order
+    def _decode_probs(self, ordered: list[ScheduledTokens], group_metas: dict[int, AttentionMetadata]) -> dict[int, torch.Tensor]:
+        """Each decode sequence's probabilities, attention layer by layer, scattered from gathered keys to key positions."""
+        calls = {g: iter(group_metas[g].decode_probs) for g in self.attention_groups}  # a group's layers appended in layer order
         out: dict[int, torch.Tensor] = {}
         for layer, g in enumerate(self.layer_groups):
+            if g not in calls:
+                continue
             for dg, probs in zip(group_metas[g].decode_groups, next(calls[g])):
                 positions = dg.key_positions()
                 for i in range(dg.size):

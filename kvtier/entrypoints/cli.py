@@ -15,7 +15,7 @@ from kvtier.errors import InvalidArgumentError, KvtierError
 from kvtier.training.train_tiny import add_train_tiny_args, run_train_tiny
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical", "trace")  # vLLM's --uvicorn-log-level choices
-_FLAG_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}
+_FLAG_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str, "float | None": float}
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +23,7 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
     for f in dataclasses.fields(EngineArgs):
         flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
+        if f.type in ("bool", "bool | None"):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         elif f.name == "model":
             group.add_argument(flag, default=f.default, help=f"an HF checkpoint folder or a shipped model's name (default: {f.default})")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from kvtier.errors import InvalidArgumentError
@@ -44,8 +44,10 @@ TASKS = ("passkey", "multikey", "vartrack")
 
 @dataclass(frozen=True)
 class Phrasing:
-    """How a needle is said and asked for. ``{key}`` is the value to retrieve; ``{name}`` names it (multi-key needle).
-    Each question restates the needle's key phrase and ends where the value begins, as RULER's do."""
+    """How a needle is said and asked for. ``{key}`` is the value to retrieve; ``{name}`` names it (multi-key needle);
+    ``{phrase}`` is a key phrase drawn per sample (two random words), so that a model trained on it must match the
+    question's key phrase against the needle's instead of learning one. Each question restates the needle's key phrase
+    and ends where the value begins, as RULER's do."""
 
     key_phrase: str  # what the needle calls its value; the question says it again
     header: str
@@ -62,6 +64,7 @@ PASSKEY_PHRASINGS = {
     "landmark": Phrasing("pass key", _LANDMARK_HEAD, "The pass key is {key}. Remember it. {key} is the pass key.", "\nWhat is the pass key? The pass key is"),
     "ruler": Phrasing("special magic number", _RULER_HEAD, "One of the special magic numbers is: {key}.",
                       "\nWhat is the special magic number mentioned in the provided text? The special magic number mentioned in the provided text is"),
+    "named": Phrasing("{phrase}", _PLAIN_HEAD, "The {phrase} is {key}.", "\nWhat is the {phrase}? The {phrase} is"),
     "access-code": Phrasing("access code", _PLAIN_HEAD, "The access code is {key}.", "\nWhat is the access code? The access code is", held_out=True),
     "secret-number": Phrasing("secret number", _PLAIN_HEAD, "The secret number is {key}.", "\nWhat is the secret number? The secret number is", held_out=True),
 }
@@ -71,6 +74,8 @@ MULTIKEY_PHRASINGS = {
     "ruler": Phrasing("special magic number", _RULER_HEAD, "One of the special magic numbers for {name} is: {key}.",
                       "\nWhat is the special magic number for {name} mentioned in the provided text? "
                       "The special magic number for {name} mentioned in the provided text is"),
+    "named": Phrasing("{phrase}", "Some {phrase}s are mentioned in the text below. Remember them.\n", "The {phrase} for {name} is {key}.",
+                      "\nWhat is the {phrase} for {name}? The {phrase} for {name} is"),
     "access-code": Phrasing("access code", "Some access codes are mentioned in the text below. Remember them.\n", "The access code for {name} is {key}.",
                             "\nWhat is the access code for {name}? The access code for {name} is", held_out=True),
     "secret-number": Phrasing("secret number", "Some secret numbers are mentioned in the text below. Remember them.\n",
@@ -85,11 +90,17 @@ def phrasing_names(task: str, held_out: bool) -> tuple[str, ...]:
     return tuple(name for name, say in PHRASINGS[task].items() if say.held_out == held_out)
 
 
-def _phrasing(task: str, name: str) -> Phrasing:
+def worded(task: str, name: str, seed: int) -> Phrasing:
+    """``task``'s phrasing ``name`` as the sample of ``seed`` says it: a ``{phrase}`` drawn and filled in.
+
+    The phrase has its own random stream, so the samples of the fixed phrasings stay as they were."""
     table = PHRASINGS[task]
     if name not in table:
         raise InvalidArgumentError("phrasing", f"must be one of {', '.join(table)} for {task}, got {name!r}")
-    return table[name]
+    say = table[name]
+    rng = random.Random(f"phrase-{seed}")
+    phrase = f"{rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}"
+    return replace(say, **{f: getattr(say, f).replace("{phrase}", phrase) for f in ("key_phrase", "header", "needle", "question")})
 
 
 class TokenEncoder(Protocol):
@@ -178,7 +189,7 @@ def passkey(tokenizer: TokenEncoder, context_tokens: int, depth: float, seed: in
     """A five-digit pass key at ``depth`` in the haystack, said and asked for in one of :data:`PASSKEY_PHRASINGS`
     (Landmark Attention's by default: the prompt ends with "The pass key is")."""
     _check(context_tokens, depth)
-    say = _phrasing("passkey", phrasing)
+    say = worded("passkey", phrasing, seed)
     stack = Haystack(haystack, seed, split)
     key = str(random.Random(seed).randint(10000, 99999))
     needle = say.needle.format(key=key)
@@ -200,7 +211,7 @@ def multikey_needle(tokenizer: TokenEncoder, context_tokens: int, depth: float, 
     _check(context_tokens, depth)
     if isinstance(num_distractors, bool) or not isinstance(num_distractors, int) or not 0 <= num_distractors <= 64:
         raise InvalidArgumentError("num_distractors", f"must be an integer in [0, 64], got {num_distractors!r}")
-    say = _phrasing("multikey", phrasing)
+    say = worded("multikey", phrasing, seed)
     stack = Haystack(haystack, seed, split)
     rng = random.Random(seed)
     keys = rng.sample([f"{a}-{n}" for a in ADJECTIVES for n in NOUNS], num_distractors + 1)

@@ -7,6 +7,7 @@ transformers-5 key (``rope_parameters``), so checkpoints saved by either load.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,64 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int | None = None
+    partial_rotary_factor: float = 1.0  # the leading fraction of each head's dimensions that rotates (Bamba, NemotronH)
+
+
+@dataclass(frozen=True)
+class Mamba2Config:
+    """A Mamba2 mixer's shape, read from any hybrid family's config.json keys."""
+
+    hidden_size: int
+    num_heads: int
+    head_dim: int
+    n_groups: int
+    state_size: int
+    conv_kernel: int
+    chunk_size: int
+    conv_bias: bool
+    proj_bias: bool
+    norm_eps: float
+    time_step_limit: tuple[float, float] = (0.0, math.inf)
+
+    @property
+    def inner_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return self.inner_size + 2 * self.n_groups * self.state_size
+
+    @classmethod
+    def from_bamba(cls, raw: dict[str, Any]) -> Mamba2Config:
+        """The mixer of a Bamba ``config.json``, whose inner size is ``mamba_expand * hidden_size``."""
+        cfg = cls(hidden_size=raw["hidden_size"], num_heads=raw["mamba_n_heads"], head_dim=raw["mamba_d_head"],
+                  n_groups=raw.get("mamba_n_groups", 1), state_size=raw["mamba_d_state"], conv_kernel=raw.get("mamba_d_conv", 4),
+                  chunk_size=raw.get("mamba_chunk_size", 256), conv_bias=bool(raw.get("mamba_conv_bias", True)),
+                  proj_bias=bool(raw.get("mamba_proj_bias", False)), norm_eps=raw.get("rms_norm_eps", 1e-6),
+                  time_step_limit=parse_time_step_limit(raw.get("time_step_limit")))
+        expand = raw.get("mamba_expand", 2)
+        if cfg.inner_size != expand * cfg.hidden_size:
+            raise InvalidArgumentError("config.mamba_d_head", f"mamba_n_heads x mamba_d_head must equal mamba_expand x hidden_size "
+                                       f"({expand * cfg.hidden_size}), got {cfg.num_heads} x {cfg.head_dim}")
+        return cfg
+
+
+def parse_time_step_limit(value: Any) -> tuple[float, float]:
+    """``time_step_limit`` as config.json writes it: absent, or two bounds, each a number, "Infinity" or
+    transformers' ``{"__float__": "Infinity"}``."""
+    if value is None:
+        return (0.0, math.inf)
+
+    def bound(v: Any) -> float:
+        return float(v["__float__"] if isinstance(v, dict) else v)
+
+    try:
+        low, high = (bound(v) for v in value)
+    except (TypeError, ValueError, KeyError):
+        raise InvalidArgumentError("config.time_step_limit", f"must be two bounds (numbers or Infinity), got {value!r}") from None
+    if not 0.0 <= low <= high:
+        raise InvalidArgumentError("config.time_step_limit", f"must satisfy 0 <= low <= high, got {value!r}")
+    return (low, high)
 
 
 @dataclass(frozen=True)
@@ -64,13 +123,15 @@ class ModelConfig:
     dtype: torch.dtype
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    mamba: Mamba2Config | None = None  # the Mamba2 mixer of a hybrid's SSM layers
+    mamba_layers: tuple[int, ...] = ()  # which layers are Mamba2 (the rest attend)
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """Bytes of K and V that one token occupies across all layers."""
+        """Bytes of K and V that one token occupies across the attention layers."""
         elem = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * elem
+        return 2 * (self.num_hidden_layers - len(self.mamba_layers)) * self.num_key_value_heads * self.head_dim * elem
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ModelConfig:
@@ -108,8 +169,17 @@ class ModelConfig:
             dtype=parse_dtype(raw.get("dtype") or raw.get("torch_dtype") or "float32", "config.dtype"),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=_as_tuple(raw.get("eos_token_id")),
+            **_parse_hybrid(raw, model_type, layers),
             raw=raw,
         )
+
+
+def _parse_hybrid(raw: dict[str, Any], model_type: str, layers: int) -> dict[str, Any]:
+    """The Mamba2 mixer and its layers, for the hybrid families kvtier runs; nothing for a pure transformer."""
+    if model_type != "bamba":
+        return {}
+    attention = set(raw.get("attn_layer_indices") or ())
+    return {"mamba": Mamba2Config.from_bamba(raw), "mamba_layers": tuple(i for i in range(layers) if i not in attention)}
 
 
 def _as_tuple(value: int | list[int] | None) -> tuple[int, ...]:
@@ -131,6 +201,7 @@ def _parse_rope(raw: dict[str, Any]) -> RopeConfig:
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
         original_max_position_embeddings=params.get("original_max_position_embeddings"),
+        partial_rotary_factor=float(params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))),
     )
 
 

@@ -16,15 +16,7 @@ from kvtier.attention.metadata import AttentionMetadata
 from kvtier.models.config import ModelConfig
 from kvtier.models.layers import GatedMLP, RMSNorm
 from kvtier.models.rope import RotaryEmbedding
-
-# HF parameter name fragment -> (our fused parameter, shard index)
-_PACKED = {
-    "q_proj": ("qkv_proj", 0),
-    "k_proj": ("qkv_proj", 1),
-    "v_proj": ("qkv_proj", 2),
-    "gate_proj": ("gate_up_proj", 0),
-    "up_proj": ("gate_up_proj", 1),
-}
+from kvtier.models.weights import load_hf_weights
 
 
 class Attention(nn.Module):
@@ -101,60 +93,4 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors in, fusing q/k/v and gate/up; every parameter must be filled once."""
-        params = dict(self.named_parameters(remove_duplicate=False))
-        filled: set[str] = set()
-        for hf_name, tensor in weights:
-            name = hf_name.removeprefix("model.")
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue
-            target, shard = name, None
-            for frag, (fused, idx) in _PACKED.items():
-                if f".{frag}." in name:
-                    target, shard = name.replace(frag, fused), idx
-                    break
-            if target not in params:
-                raise KeyError(f"checkpoint tensor {hf_name!r} has no place in {type(self).__name__}")
-            param = params[target]
-            if shard is None:
-                dst = param.data
-            else:
-                sizes = self._shard_sizes(target)
-                offset = sum(sizes[:shard])
-                dst = param.data.narrow(0, offset, sizes[shard])
-            if dst.shape != tensor.shape:
-                raise ValueError(f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
-            dst.copy_(tensor)
-            filled.add(f"{target}#{shard}")
-        missing = [_hf_name(n) for n in self._expected_fills(params) if n not in filled]
-        if missing:
-            raise KeyError(f"checkpoint lacks tensors: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-
-    def _shard_sizes(self, target: str) -> list[int]:
-        if "qkv_proj" in target:
-            return self.layers[0].self_attn.shard_sizes()
-        return [self.config.intermediate_size] * 2
-
-    def _expected_fills(self, params: dict[str, nn.Parameter]) -> list[str]:
-        out = []
-        for name in params:
-            if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue
-            if "qkv_proj" in name:
-                out += [f"{name}#{i}" for i in range(3)]
-            elif "gate_up_proj" in name:
-                out += [f"{name}#{i}" for i in range(2)]
-            else:
-                out.append(f"{name}#None")
-        return out
-
-
-def _hf_name(fill: str) -> str:
-    """Our ``param#shard`` bookkeeping name back to the checkpoint's tensor name."""
-    name, shard = fill.split("#")
-    for frag, (fused, idx) in _PACKED.items():
-        if fused in name and str(idx) == shard:
-            name = name.replace(fused, frag)
-            break
-    return name if name.startswith("lm_head") else "model." + name
+        load_hf_weights(self, weights, self.config.tie_word_embeddings)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from kvtier.errors import UnsupportedArchitectureError
+from kvtier.models.bamba import BambaForCausalLM
 from kvtier.models.llama import LlamaForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
@@ -12,6 +13,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
+    "BambaForCausalLM": BambaForCausalLM,
 }
 
 

@@ -33,11 +33,13 @@ def _llama3_scale(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """Precomputed cos/sin tables indexed by absolute position (rotate-half layout, as HF Llama)."""
+    """Precomputed cos/sin tables indexed by absolute position (rotate-half layout, as HF Llama); with a
+    ``partial_rotary_factor`` below 1 only the leading dimensions of each head rotate, as HF does."""
 
     def __init__(self, head_dim: int, max_positions: int, rope: RopeConfig, dtype: torch.dtype) -> None:
         super().__init__()
-        inv_freq = inverse_frequencies(head_dim, rope)
+        self.rotary_dim = int(head_dim * rope.partial_rotary_factor)
+        inv_freq = inverse_frequencies(self.rotary_dim, rope)
         t = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -48,10 +50,15 @@ class RotaryEmbedding(torch.nn.Module):
         """Rotate q [T, H, D] and k [T, Hkv, D] by their tokens' positions [T]."""
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.rotary_dim == x.shape[-1]:
+            return _rotate_half(x, cos, sin)
+        return torch.cat((_rotate_half(x[..., : self.rotary_dim], cos, sin), x[..., self.rotary_dim :]), dim=-1)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin

@@ -108,8 +108,12 @@ def _haystacks(mix: dict) -> str:
 def _wording(mix: dict) -> str:
     if not mix.get("vary_phrasing"):
         return ", in each task's default wording"
-    names = [f"{task}: {', '.join(phrasing_names(task, held_out=False))}" for task in PHRASINGS]
+    names = [f"{task}: {', '.join(_phrasing_name(task, n) for n in phrasing_names(task, held_out=False))}" for task in PHRASINGS]
     return f", worded in every training phrasing ({'; '.join(names)})"
+
+
+def _phrasing_name(task: str, name: str) -> str:
+    return f"{name} (a key phrase of two random words a document)" if "{phrase}" in PHRASINGS[task][name].needle else name
 
 
 def _followups(mix: dict) -> str:

@@ -11,7 +11,8 @@ from kvtier.training.data import RetrievalMix
 VOCAB_SIZE = 8192
 CONTEXT = 2048
 # Documents of every training haystack kind and phrasing; prose, the kind the filler-trained model did worst on, most.
-TRAIN_MIX = RetrievalMix(haystacks=(("noise", 0.1), ("code", 0.3), ("prose", 0.4), ("mixed", 0.2)), vary_phrasing=True)
+# Multi-key documents go on to ask about every distractor in every stage (RULER's multi-query): more key matches a token.
+TRAIN_MIX = RetrievalMix(haystacks=(("noise", 0.15), ("code", 0.25), ("prose", 0.4), ("mixed", 0.2)), vary_phrasing=True, followups=True)
 
 
 @dataclass(frozen=True)
@@ -112,10 +113,13 @@ KVTIER_TINY = Recipe(
     # Every stage hides its needles in code, prose and mixtures as well as in the noise filler, worded in each
     # training phrasing: trained on the filler alone, the model found a pass key at 2K in 99% of trials there
     # but in 11% in code and 6% in prose (docs/benchmarks.md). Variable tracking grows from one link a chain to four.
-    stages=(Stage(0.3, 8, 256, TRAIN_MIX.with_hops(1, 1)), Stage(0.4, 4, 512, TRAIN_MIX.with_hops(1, 2)),
-            Stage(0.3, 1, CONTEXT, replace(TRAIN_MIX, retrieval_fraction=0.7, copy_fraction=0.1, passkey=0.2, multikey=0.6, vartrack=0.2,
-                                          min_tokens=1024, followups=True))),
-    steps=3400,  # 2,048-token steps take 1.4 to 1.9 s, depending on the day: 4,000 steps did not always fit 90 minutes
+    # Trained on the two fixed key phrases only ("pass key", "special magic number"), it answered 0-11% of questions
+    # about a held-out one ("access code"); the "named" phrasing draws a key phrase per document, so the question's
+    # phrase has to be matched, not remembered.
+    stages=(Stage(0.3, 8, 256, TRAIN_MIX.with_hops(1, 1)), Stage(0.35, 4, 512, TRAIN_MIX.with_hops(1, 2)),
+            Stage(0.35, 1, CONTEXT, replace(TRAIN_MIX, retrieval_fraction=0.7, copy_fraction=0.1, passkey=0.25, multikey=0.55, vartrack=0.2,
+                                           min_tokens=1024))),
+    steps=3600,  # 512- and 2,048-token steps take 1.4 to 1.9 s, 256-token ones 1.1 s, depending on the day: 4,000 steps did not always fit 90 minutes
     circuit=CircuitInit(),
 )
 

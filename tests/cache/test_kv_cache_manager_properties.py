@@ -244,7 +244,7 @@ def test_block_moves_are_done_in_the_order_decided():
     spec = FullAttentionSpec(BLOCK, 1, 1, torch.float32)
     plan = MemoryPlan.split([KVCacheGroup(spec, (0,))], 4 * 32, 2 * 32, 4096, 64)  # 4 device, 2 host blocks of 1 layer x 1 head x dim 1
     storage = KVStorage(plan, torch.device("cpu"))
-    [device_kv], [host_kv] = storage.device_kv, storage.host_kv
+    device_kv, host_kv = storage.groups[0].device, storage.groups[0].host
     for b in range(4):
         device_kv[:, :, :, b * BLOCK:(b + 1) * BLOCK] = float(b)
     ops = CacheOps()

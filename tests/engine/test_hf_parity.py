@@ -58,9 +58,16 @@ def check_against_hf(path, prompts, max_tokens=8, dtype=torch.float32, tol=TOL, 
         assert gen == expect.argmax(-1).tolist(), "greedy token differs from HF argmax"
         hf_greedy = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), max_new_tokens=max_tokens,
                                 do_sample=False, min_new_tokens=max_tokens, pad_token_id=0)
-        assert hf_greedy[0, len(prompt):].tolist() == gen
+        # HF's min_new_tokens keeps generating by suppressing EOS, which ignore_eos does not: compare up to an argmax EOS
+        eos = set(_as_list(hf.generation_config.eos_token_id))
+        upto = next((i for i, t in enumerate(gen) if t in eos), len(gen))
+        assert hf_greedy[0, len(prompt):len(prompt) + upto].tolist() == gen[:upto]
     assert worst <= tol, f"max abs logit difference {worst} > {tol}"
     return llm
+
+
+def _as_list(ids: int | list[int] | None) -> list[int]:
+    return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
 
 
 MIXED = [5, 17, 33, 1, 64, 40]

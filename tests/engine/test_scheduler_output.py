@@ -16,11 +16,11 @@ from kvtier.engine.model_runner import ModelRunner
 def test_pickled_steps_give_the_same_logits_in_a_fresh_runner(llama_dir):
     llm = LLM(str(llama_dir), kv_cache_memory=1 << 22, max_num_batched_tokens=48)
     engine = llm.engine
-    steps: list[tuple[bytes, torch.Tensor, torch.Tensor, object]] = []
+    steps: list[tuple[bytes, list[torch.Tensor], object]] = []
     own = engine.runner.execute
 
     def recording(step):
-        before = (pickle.dumps(step), [t.clone() for t in engine.storage.device_kv], [t.clone() for t in engine.storage.host_kv])
+        before = (pickle.dumps(step), [t.clone() for t in engine.storage.tensors()])
         logits = own(step)
         steps.append((*before, logits))
         return logits
@@ -33,12 +33,12 @@ def test_pickled_steps_give_the_same_logits_in_a_fresh_runner(llama_dir):
     llm.generate(prompts, params, use_tqdm=False)
 
     mixed = moved = 0
-    for blob, device_kv, host_kv, logits in steps:
+    for blob, tensors, logits in steps:
         storage = KVStorage(engine.memory_plan, engine.device)
-        for mine, theirs in zip(storage.device_kv + storage.host_kv, device_kv + host_kv):
+        for mine, theirs in zip(storage.tensors(), tensors):
             mine.copy_(theirs)
         step = pickle.loads(blob)
-        again = ModelRunner(engine.model, storage, engine.runner.windows, engine.device, get_backend("paged")).execute(step)
+        again = ModelRunner(engine.model, storage, engine.runner.specs, engine.device, get_backend("paged")).execute(step)
         assert again.last.keys() == logits.last.keys() and again.prompt.keys() == logits.prompt.keys()
         assert all(torch.equal(again.last[k], logits.last[k]) for k in logits.last)
         assert all(torch.equal(again.prompt[k], logits.prompt[k]) for k in logits.prompt)

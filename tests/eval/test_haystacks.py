@@ -14,7 +14,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from kvtier.errors import InvalidArgumentError
 from kvtier.eval.haystacks import FILLER, HAYSTACKS, HELDOUT_FILES, Haystack, _split_units
-from kvtier.eval.retrieval import PHRASINGS, TASKS, make_sample
+from kvtier.eval.retrieval import ADJECTIVES, NOUNS, PHRASINGS, TASKS, make_sample, worded
 from kvtier.models.embedded import resolve_model
 from kvtier.training.corpus import read_texts, split_corpus, stdlib_sources
 from kvtier.training.data import BatchMaker, RetrievalMix, TokenIds
@@ -68,8 +68,8 @@ def test_bad_kind_or_split_names_the_field(ids):
 
 @pytest.mark.parametrize("task", ["passkey", "multikey"])
 def test_every_phrasing_hides_its_needle_and_asks_with_the_needles_key_phrase(ids, task):
-    for name, say in PHRASINGS[task].items():
-        sample = make_sample(task, ids, 512, 0.5, 21, phrasing=name)
+    for name in PHRASINGS[task]:
+        sample, say = make_sample(task, ids, 512, 0.5, 21, phrasing=name), worded(task, name, 21)
         needle = next(s for s in re.split(r"(?<=\.) |\n", sample.context) if sample.answer[0] in s)
         assert say.key_phrase in needle.lower().replace("numbers", "number"), (name, needle)
         assert say.key_phrase in sample.question.lower(), (name, "the question restates the needle's key phrase")
@@ -80,6 +80,9 @@ def test_held_out_key_phrases_are_in_no_training_text_or_document():
     held_out = {say.key_phrase for table in PHRASINGS.values() for say in table.values() if say.held_out}
     assert held_out == {"access code", "secret number"}
     assert not held_out & {say.key_phrase for table in PHRASINGS.values() for say in table.values() if not say.held_out}
+    drawn = {worded("passkey", "named", seed).key_phrase for seed in range(200)}
+    assert len(drawn) > 150 and all(len(p.split()) == 2 for p in drawn), "a key phrase of two random words per sample"
+    assert not {w for p in held_out for w in p.split()} & set(ADJECTIVES + NOUNS), "no drawn key phrase shares a word with a held-out one"
     corpus = " ".join(read_texts(split_corpus().train)).lower()
     assert not [phrase for phrase in held_out if phrase in corpus]
     tok = HFTokenizer.from_file(str(Path(resolve_model("kvtier-tiny")) / "tokenizer.json"))
@@ -91,7 +94,7 @@ def test_held_out_key_phrases_are_in_no_training_text_or_document():
 
 
 def test_an_unknown_phrasing_names_the_field(ids):
-    with pytest.raises(InvalidArgumentError, match="phrasing: must be one of landmark, ruler, access-code, secret-number for passkey"):
+    with pytest.raises(InvalidArgumentError, match="phrasing: must be one of landmark, ruler, named, access-code, secret-number for passkey"):
         make_sample("passkey", ids, 512, 0.5, 1, phrasing="poem")
     with pytest.raises(InvalidArgumentError, match="phrasing: must be None for vartrack"):
         make_sample("vartrack", ids, 512, 0.5, 1, phrasing="ruler")

@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from kvtier import LLM, SamplingParams
 from kvtier.config import EngineArgs
-from kvtier.errors import ModelNotFoundError, UnsupportedArchitectureError
+from kvtier.errors import ModelNotFoundError
 from kvtier.eval.retrieval import passkey
 from kvtier.models.embedded import DEFAULT_MODEL, embedded_models, resolve_model
 from kvtier.models.loader import resolve_model_path
@@ -83,8 +83,12 @@ def test_unknown_name_lists_the_shipped_models():
         resolve_model_path("kvtier-huge")
 
 
-def test_the_hybrid_resolves_by_name_and_the_engine_names_what_it_lacks():
-    """kvtier's engine runs Llama only until the Marconi issue adds Mamba2; until then the name resolves and the error says why."""
-    assert resolve_model("kvtier-tiny-hybrid") == str(embedded_models()["kvtier-tiny-hybrid"])
-    with pytest.raises(UnsupportedArchitectureError, match="BambaForCausalLM"):
-        LLM("kvtier-tiny-hybrid", kv_cache_memory=1 << 22)
+def test_the_hybrid_runs_by_name_and_matches_hf_logits():
+    """kvtier-tiny-hybrid (Bamba) through the engine: greedy tokens and logits at every position as transformers'."""
+    folder = embedded_models()["kvtier-tiny-hybrid"]
+    assert resolve_model("kvtier-tiny-hybrid") == str(folder)
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    texts = ["def fibonacci(n):", "import os\nimport sys\n\n\nclass Config:\n    \"\"\"Settings"]
+    check_against_hf(folder, [tok(t).input_ids for t in texts], max_tokens=8, dtype=torch.float32)
+
+

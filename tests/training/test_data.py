@@ -96,11 +96,11 @@ def test_documents_hide_their_needles_in_each_training_haystack_of_the_train_spl
     text = "\n".join(tok.decode(row[:len(row) - row[::-1].index(EOS_ID)]) for row in rows)  # the documents, not the stream's tail
     train_lines, validation_lines = ({line for t in source_texts("code", split) for line in t.splitlines()} for split in ("train", "validation"))
     lines = [line for line in text.splitlines() if line.strip()]
-    task_text = ("magic number", "pass key", "important info")
-    assert not [line for line in lines if line not in train_lines and not any(t in line for t in task_text)], "the rest is train-split code"
+    task_text = re.compile(r"magic number|pass key|important info|mentioned .*in the text below|^(What is )?[Tt]he [a-z]+ [a-z]+( for [a-z]+-[a-z]+)?( is|\?)")
+    assert not [line for line in lines if line not in train_lines and not task_text.search(line)], "the rest is train-split code"
     assert sum(line in train_lines for line in lines) > len(lines) // 2
     assert not [line for line in lines if line in validation_lines - train_lines], "never a line only the validation files have"
     headers = {say.header.strip() for table in PHRASINGS.values() for say in table.values() if not say.held_out}
     assert len({h for h in headers if h in text}) >= 2, "more than one training wording"
-    assert mix.phrasings("passkey") == ("landmark", "ruler") and mix.phrasings("vartrack") == (None,)
+    assert mix.phrasings("passkey") == ("landmark", "ruler", "named") and mix.phrasings("vartrack") == (None,)
     assert RetrievalMix().phrasings("multikey") == (None,), "without vary_phrasing, the default wording"
