@@ -105,10 +105,16 @@ class FullAttentionManager:
         table = self.tables.get(seq_id)
         return 1 if table and table[-1] is not None and table[-1].ref_count > 1 else 0
 
-    def _copy_on_write(self, table: Table, num_computed: int) -> None:
-        """Writes go to positions >= num_computed; a shared partial block there gets a private copy."""
+    def _written_block(self, table: Table, num_computed: int) -> int | None:
+        """Index of the table's block the next step writes into and that already holds tokens: the partial block at
+        ``num_computed``, if any (writes go to positions >= num_computed)."""
         idx = num_computed // self.block_size
-        if num_computed % self.block_size and idx < len(table) and table[idx].ref_count > 1:
+        return idx if num_computed % self.block_size and idx < len(table) else None
+
+    def _copy_on_write(self, table: Table, num_computed: int) -> None:
+        """A shared block the next step writes into gets a private copy."""
+        idx = self._written_block(table, num_computed)
+        if idx is not None and table[idx].ref_count > 1:
             src = table[idx]
             dst = self.pool.allocate()
             self.ops.add("copy", src.block_id, dst.block_id)

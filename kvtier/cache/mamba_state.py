@@ -22,13 +22,9 @@ class MambaStateManager(FullAttentionManager):
                  prefix_caching_hash_algo: str = "sha256") -> None:
         super().__init__(spec, num_blocks, num_host_blocks, enable_prefix_caching=False)
 
-    def _copy_on_write(self, table: Table, num_computed: int) -> None:
-        """Every step writes the slot: a shared one is copied first, whatever the position."""
-        if table and table[0].ref_count > 1:
-            src = table[0]
-            table[0] = self.pool.allocate()
-            self.ops.add("copy", src.block_id, table[0].block_id)
-            self.pool.release(src)
+    def _written_block(self, table: Table, num_computed: int) -> int | None:
+        """Every step rewrites the slot, whatever the position."""
+        return 0 if table else None
 
     def swap_in_reserve(self, num_seqs: int) -> int:
         """A slot needs no new one to grow; a slot shared among the sequences may need one copy each."""

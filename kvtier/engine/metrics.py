@@ -12,6 +12,8 @@ def kv_waste_slots(engine: LLMEngine) -> int:
     """Slots reserved in live blocks but holding no token, summed over layer groups (a shared block counts once)."""
     waste = 0
     for m in engine.kv.managers:
+        if m.spec.bytes_per_token == 0:
+            continue  # a Mamba2 state slot holds no tokens, so none of it is waste
         bs = m.block_size
         filled: dict[int, int] = {}
         for req in engine.requests.values():

@@ -36,7 +36,8 @@ class ModelRunner:
         self.backend = backend
         self.storage = storage
         self.specs = specs
-        self.attention_groups = [g for g, spec in enumerate(specs) if not isinstance(spec, MambaSpec)]
+        self.state_groups = [g for g, spec in enumerate(specs) if isinstance(spec, MambaSpec)]
+        self.attention_groups = [g for g in range(len(specs)) if g not in self.state_groups]
         self.device = device
         self.block_size = storage.block_size
         self.kv_caches = storage.layer_caches()
@@ -55,9 +56,7 @@ class ModelRunner:
             for meta in attention:
                 meta.decode_probs = []
         group_metas = dict(zip(self.attention_groups, attention))
-        for g in range(len(self.specs)):
-            if g not in group_metas:
-                group_metas[g] = plan_states(ordered, g, self.device)
+        group_metas.update({g: plan_states(ordered, g, self.device) for g in self.state_groups})
         ids = [t for s in ordered for t in s.token_ids]
         positions = [p for s in ordered for p in range(s.start, s.start + s.num_tokens)]
         metas = [group_metas[g] for g in self.layer_groups]
