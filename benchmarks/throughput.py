@@ -7,6 +7,7 @@ Prints tokens/s of each and the ratio, and kvtier's KV waste sampled during the 
 
     python benchmarks/throughput.py                       # reference model, 1000 requests
     python benchmarks/throughput.py --num-prompts 100     # quicker
+    python benchmarks/throughput.py --reference hybrid    # the reference hybrid: attention at layers 2 and 6, Mamba2 elsewhere
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ from kvtier.sampling_params import SamplingParams  # noqa: E402
 REFERENCE = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, intermediate_size=1408, vocab_size=32000)
 
 
+# The reference Llama's size as a Bamba hybrid: attention at layers 2 and 6, Mamba2 (HF's Bamba defaults, expand 2) elsewhere
+HYBRID = dict(attn_layer_indices=[2, 6], mamba_n_heads=16, mamba_d_head=64, mamba_n_groups=1, mamba_d_state=128, mamba_d_conv=4,
+              mamba_expand=2, mamba_chunk_size=256)
+
+
 def reference_model(path: Path) -> Path:
     """The issue's reference Llama (random weights, fp32), built once and reused."""
     if not (path / "config.json").is_file():
@@ -39,9 +45,26 @@ def reference_model(path: Path) -> Path:
     return path
 
 
+def reference_hybrid(path: Path) -> Path:
+    """The reference hybrid, built by transformers (random weights, fp32, seed 0) with the reference Llama's tokenizer."""
+    if not (path / "config.json").is_file():
+        import shutil
+
+        import transformers
+
+        llama = reference_model(path.parent / "reference-llama")
+        cfg = transformers.BambaConfig(**REFERENCE, **HYBRID, bos_token_id=0, eos_token_id=1, pad_token_id=2, max_position_embeddings=4096)
+        cfg.architectures = ["BambaForCausalLM"]
+        torch.manual_seed(0)
+        transformers.BambaForCausalLM(cfg).save_pretrained(path)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(llama / f, path / f)
+    return path
+
+
 def run_kvtier(model: Path, reqs: list[Request], args: argparse.Namespace) -> dict:
     engine = LLMEngine(EngineArgs(model=str(model), kv_cache_memory=int(args.kv_cache_gib * (1 << 30)), max_num_seqs=args.max_num_seqs,
-                                  max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching))
+                                  max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False if args.no_prefix_caching else None))
     start = time.perf_counter()
     for i, r in enumerate(reqs):
         engine.add_request({"prompt_token_ids": r.prompt_token_ids}, SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True), str(i))
@@ -94,7 +117,8 @@ def run_hf(model: Path, reqs: list[Request], args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, default=None, help="HF checkpoint folder (default: the reference Llama, built on first use)")
+    p.add_argument("--model", type=Path, default=None, help="HF checkpoint folder (default: the --reference model, built on first use)")
+    p.add_argument("--reference", choices=["llama", "hybrid"], default="llama", help="the reference model to build and run when no --model is given")
     p.add_argument("--backend", choices=["both", "kvtier", "hf"], default="both")
     p.add_argument("--hf-batch-size", type=int, default=32)
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -105,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json-out", type=Path, default=None)
     add_workload_args(p)
     args = p.parse_args(argv)
-    model = args.model or reference_model(Path(".cache/reference-llama"))
+    model = args.model or (reference_model(Path(".cache/reference-llama")) if args.reference == "llama" else reference_hybrid(Path(".cache/reference-hybrid")))
     reqs = make_workload(args, vocab_size=REFERENCE["vocab_size"] if args.model is None else json.loads((model / "config.json").read_text())["vocab_size"])
     prompt_tokens = sum(len(r.prompt_token_ids) for r in reqs)
     output_tokens = sum(r.output_len for r in reqs)

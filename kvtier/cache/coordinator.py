@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvtier.cache.block_pool import KVBlock
+from kvtier.cache.checkpoint import StateCheckpoint
 from kvtier.cache.full_attention import FullAttentionManager
 from kvtier.cache.mamba_state import MambaStateManager
 from kvtier.cache.memory_plan import MemoryPlan
@@ -28,9 +29,10 @@ MANAGERS: dict[type[KVCacheSpec], type[FullAttentionManager]] = {
 
 @dataclass(frozen=True)
 class PrefixHit:
-    """The leading blocks of a prompt whose K/V every group has cached, with each group's blocks for them."""
+    """The leading tokens of a prompt whose cache every group holds (whole blocks of the prefix cache, or a state
+    checkpoint's tokens), with each group's blocks for them."""
 
-    num_blocks: int
+    num_tokens: int
     blocks: tuple[list[KVBlock | None], ...]  # per group; None where the group needs no block (out of its window)
 
 
@@ -38,6 +40,7 @@ class KVCacheCoordinator:
     def __init__(self, plan: MemoryPlan, max_chunk: int, enable_prefix_caching: bool = True, prefix_caching_hash_algo: str = "sha256") -> None:
         self.block_size = plan.block_size
         self.max_chunk = max_chunk
+        self.prefix_caching = enable_prefix_caching
         self.managers = [MANAGERS[type(g.group.spec)](g.group.spec, g.num_blocks, g.num_host_blocks, enable_prefix_caching, prefix_caching_hash_algo)
                          for g in plan.groups]
         self.prefix_queries = 0  # prompt tokens looked up
@@ -70,7 +73,7 @@ class KVCacheCoordinator:
             if shortest == n:
                 break
             n = shortest
-        return PrefixHit(n, tuple(m.hit_blocks(k, n) for m, k in zip(self.managers, known)))
+        return PrefixHit(n * self.block_size, tuple(m.hit_blocks(k, n) for m, k in zip(self.managers, known)))
 
     def record_prefix_lookup(self, queried_tokens: int, hit_tokens: int) -> None:
         self.prefix_queries += queried_tokens
@@ -90,7 +93,8 @@ class KVCacheCoordinator:
 
     def admit(self, wanted: Sequence[tuple[int, int, PrefixHit | None]], keep_watermark: bool = False) -> bool:
         """Give new sequences ``(seq_id, tokens to hold, prefix hit)`` their tables in every group, all or none."""
-        per_group = [[(sid, total, hit.blocks[g] if hit else ()) for sid, total, hit in wanted] for g in range(len(self.managers))]
+        per_group = [[(sid, hit.num_tokens if hit else 0, total, hit.blocks[g] if hit else ()) for sid, total, hit in wanted]
+                     for g in range(len(self.managers))]
         if not all(m.can_admit(w, m.watermark if keep_watermark else 0) for m, w in zip(self.managers, per_group)):
             return False
         for m, w in zip(self.managers, per_group):
@@ -100,6 +104,27 @@ class KVCacheCoordinator:
     def fork(self, parent_id: int, child_id: int) -> None:
         for m in self.managers:
             m.fork(parent_id, child_id)
+
+    # ---- state checkpoints ---------------------------------------------------------------
+    def checkpoint(self, seq_id: int, token_ids: Sequence[int]) -> StateCheckpoint:
+        """Pin what the sequence's cache holds now, when it has computed exactly ``token_ids``."""
+        return StateCheckpoint(tuple(token_ids), tuple(m.hold(m.tables[seq_id]) for m in self.managers))
+
+    def share(self, ckpt: StateCheckpoint) -> StateCheckpoint:
+        """A second hold on the same blocks, released on its own."""
+        return StateCheckpoint(ckpt.token_ids, tuple(m.hold(t) for m, t in zip(self.managers, ckpt.blocks)))
+
+    def release(self, ckpt: StateCheckpoint) -> None:
+        """Give the checkpoint's blocks back (once; a second release does nothing)."""
+        if not ckpt.released:
+            for m, table in zip(self.managers, ckpt.blocks):
+                m.unhold(table)
+            ckpt.released = True
+
+    @staticmethod
+    def resume_hit(ckpt: StateCheckpoint) -> PrefixHit:
+        """The hit a sequence resumed from ``ckpt`` is admitted with."""
+        return PrefixHit(ckpt.num_tokens, tuple(list(t) for t in ckpt.blocks))
 
     def cache_computed(self, seq_id: int, token_ids: Sequence[int], num_computed: int) -> None:
         for m in self.managers:

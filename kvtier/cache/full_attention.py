@@ -17,7 +17,7 @@ from kvtier.cache.prefix_cache import BlockHashPrefixCache, PrefixCache
 from kvtier.cache.specs import KVCacheSpec
 
 Table = list[KVBlock | None]
-Wanted = Sequence[tuple[int, int, Sequence[KVBlock | None]]]  # (seq_id, tokens to hold, its prefix hit's blocks)
+Wanted = Sequence[tuple[int, int, int, Sequence[KVBlock | None]]]  # (seq_id, tokens computed, tokens to hold, its prefix hit's blocks)
 
 
 class FullAttentionManager:
@@ -77,27 +77,31 @@ class FullAttentionManager:
 
     def can_admit(self, wanted: Wanted, reserve: int = 0) -> bool:
         """Whether ``admit`` would succeed with ``reserve`` blocks left over."""
-        reused = {id(b): b for _, _, prefix in wanted for b in prefix if b is not None}
+        reused = {id(b): b for _, _, _, prefix in wanted for b in prefix if b is not None}
         # cached blocks about to be reused leave the evictable set, so they do not count as free
         reused_free = sum(1 for b in reused.values() if b.ref_count == 0)
-        need = sum(max(0, self.spec.blocks_for(total) - len(prefix)) for _, total, prefix in wanted)
-        return need <= self.pool.num_free - reused_free - reserve
+        need = sum(max(0, self.spec.blocks_for(total) - len(prefix)) for _, _, total, prefix in wanted)
+        copies = sum(1 for _, computed, _, prefix in wanted if self._written_block(prefix, computed) is not None)
+        return need + copies <= self.pool.num_free - reused_free - reserve
 
     def admit(self, wanted: Wanted) -> None:
-        """Give new sequences ``(seq_id, tokens to hold, prefix hit blocks)`` their tables; the caller has checked ``can_admit``.
+        """Give new sequences ``(seq_id, tokens computed, tokens to hold, prefix hit blocks)`` their tables; the caller has
+        checked ``can_admit``. A hit that ends inside a block (a state checkpoint's) shares that block, so it is copied
+        before the sequence writes its next token there.
 
         Every reused prefix block is pinned before any new block is taken: a new block may come from
         the LRU of cached blocks, and must not be one that another sequence of the group reuses.
         """
-        if any(seq_id in self.tables for seq_id, _, _ in wanted):
+        if any(seq_id in self.tables for seq_id, _, _, _ in wanted):
             raise RuntimeError("admit is for sequences without a block table")
-        for seq_id, _, prefix in wanted:
+        for seq_id, _, _, prefix in wanted:
             for block in prefix:
                 if block is not None:
                     self.pool.acquire(block)
             self.tables[seq_id] = list(prefix)
-        for seq_id, total, _ in wanted:
+        for seq_id, computed, total, _ in wanted:
             table = self.tables[seq_id]
+            self._copy_on_write(table, computed)
             while len(table) < self.spec.blocks_for(total):
                 table.append(self.pool.allocate())
 
@@ -105,7 +109,7 @@ class FullAttentionManager:
         table = self.tables.get(seq_id)
         return 1 if table and table[-1] is not None and table[-1].ref_count > 1 else 0
 
-    def _written_block(self, table: Table, num_computed: int) -> int | None:
+    def _written_block(self, table: Sequence[KVBlock | None], num_computed: int) -> int | None:
         """Index of the table's block the next step writes into and that already holds tokens: the partial block at
         ``num_computed``, if any (writes go to positions >= num_computed)."""
         idx = num_computed // self.block_size
@@ -123,11 +127,20 @@ class FullAttentionManager:
 
     def fork(self, parent_id: int, child_id: int) -> None:
         """The child shares every block of the parent (copy-on-write later)."""
-        table = self.tables[parent_id]
+        self.tables[child_id] = self.hold(self.tables[parent_id])
+
+    def hold(self, table: Table) -> Table:
+        """A copy of ``table`` whose blocks are held once more until ``unhold``. A sequence that shares them copies a
+        block before writing into it, so what a held table holds stays as it is."""
         for block in table:
             if block is not None:
                 self.pool.acquire(block)
-        self.tables[child_id] = list(table)
+        return list(table)
+
+    def unhold(self, table: Table) -> None:
+        for block in reversed(table):
+            if block is not None:
+                self.pool.release(block)
 
     def cache_computed(self, seq_id: int, token_ids: Sequence[int], num_computed: int) -> None:
         if self.prefix_cache is not None and seq_id in self.tables:
@@ -135,9 +148,7 @@ class FullAttentionManager:
 
     def free(self, seq_id: int) -> None:
         """Release the sequence's blocks, last block first so a prefix outlives its tail in the LRU."""
-        for block in reversed(self.tables.pop(seq_id, [])):
-            if block is not None:
-                self.pool.release(block)
+        self.unhold(self.tables.pop(seq_id, []))
         for block in self.host_tables.pop(seq_id, []):
             if block is not None:
                 self.host_pool.release(block)

@@ -6,12 +6,16 @@ host slot and back. Unlike a K/V block, a slot is rewritten by every step of its
 shared after a fork (``n > 1``, beam search) is copied before the next step of any sequence sharing it
 (vLLM's and SGLang's hybrids copy at fork; copying on write lets the scheduler preempt instead of
 failing when no slot is free). A recurrent state cannot be cut back to a prefix, so the group offers no
-prefix hits: prefix caching for hybrids is Marconi's (its own issue).
+block-hash prefix hits; a state checkpoint (:mod:`kvtier.cache.checkpoint`) pins a slot as it was after a
+chosen token, and a sequence resumed from it copies the slot before its first step, like a fork.
 """
 
 from __future__ import annotations
 
-from kvtier.cache.full_attention import FullAttentionManager, Table
+from collections.abc import Sequence
+
+from kvtier.cache.block_pool import KVBlock
+from kvtier.cache.full_attention import FullAttentionManager
 from kvtier.cache.specs import MambaSpec
 
 
@@ -22,7 +26,7 @@ class MambaStateManager(FullAttentionManager):
                  prefix_caching_hash_algo: str = "sha256") -> None:
         super().__init__(spec, num_blocks, num_host_blocks, enable_prefix_caching=False)
 
-    def _written_block(self, table: Table, num_computed: int) -> int | None:
+    def _written_block(self, table: Sequence[KVBlock | None], num_computed: int) -> int | None:
         """Every step rewrites the slot, whatever the position."""
         return 0 if table else None
 

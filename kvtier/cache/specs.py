@@ -151,6 +151,8 @@ def kv_cache_groups(cfg: ModelConfig, block_size: int, dtype: torch.dtype,
     their conv and SSM states in ``mamba_dtypes`` (default: ``dtype``)."""
     layers: dict[KVCacheSpec, list[int]] = {}
     for i, window in enumerate(cfg.sliding_windows):
+        if i in cfg.mlp_layers:
+            continue
         if i in cfg.mamba_layers:
             m = cfg.mamba
             conv_dtype, ssm_dtype = mamba_dtypes or (dtype, dtype)

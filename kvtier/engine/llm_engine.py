@@ -10,12 +10,14 @@ from dataclasses import replace
 import torch
 
 from kvtier.attention.registry import get_backend
+from kvtier.cache.checkpoint import StateCheckpoint
 from kvtier.cache.coordinator import KVCacheCoordinator
 from kvtier.cache.kv_storage import KVStorage
 from kvtier.cache.memory_plan import MemoryPlan, kv_budget_bytes
 from kvtier.cache.specs import kv_cache_groups
 from kvtier.config import EngineArgs, GiB
 from kvtier.engine.branching import Branching
+from kvtier.engine.checkpoints import Checkpoints, check_checkpoint_args
 from kvtier.engine.input_processor import EngineInput, InputProcessor, PromptInput
 from kvtier.engine.model_runner import ModelRunner
 from kvtier.engine.output_processor import OutputProcessor
@@ -43,7 +45,7 @@ class LLMEngine:
         dtype = cfg.dtype if args.dtype == "auto" else parse_dtype(args.dtype)
         self.model_config = cfg = replace(cfg, dtype=dtype)
         self.max_model_len = args.max_model_len or cfg.max_position_embeddings
-        if self.max_model_len > cfg.max_position_embeddings and cfg.rope.rope_type == "default":
+        if self.max_model_len > cfg.max_position_embeddings and (cfg.rope is None or cfg.rope.rope_type == "default"):
             raise InvalidArgumentError("max_model_len", f"must be <= max_position_embeddings ({cfg.max_position_embeddings}), got {self.max_model_len}")
         self.tokenizer = Tokenizer.from_pretrained(args.tokenizer or path)
         torch.manual_seed(args.seed)
@@ -65,6 +67,7 @@ class LLMEngine:
         self.sampler = Sampler()
         self.output = OutputProcessor(self.tokenizer, self.max_model_len)
         self.branching = Branching(self.kv, self.tokenizer, self.output.start, self._generator, self.max_model_len)
+        self.checkpoints = Checkpoints(self.kv)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0, "requests_aborted": 0}
@@ -96,19 +99,24 @@ class LLMEngine:
 
     # ---- requests ----------------------------------------------------------------------------
     def add_request(self, prompt: PromptInput | EngineInput, params: SamplingParams | BeamSearchParams, request_id: str | None = None,
-                    stream: bool = False) -> str:
+                    stream: bool = False, checkpoint_at: list[int] | tuple[int, ...] = (), start_from: StateCheckpoint | None = None) -> str:
         """Validate and queue a request; a bad one raises before it touches any engine state. A prompt already
-        processed (``self.inputs.process``) is queued as it is."""
+        processed (``self.inputs.process``) is queued as it is.
+
+        ``checkpoint_at``: token positions where the prefill stops to keep the cache state (collect them with
+        ``take_checkpoints``); ``start_from``: a checkpoint whose tokens the prompt starts with, so only the rest is computed."""
         inp = self.inputs.process(prompt, params)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise InvalidArgumentError("request_id", f"{request_id!r} is already in flight")
         params, ids = inp.params, inp.prompt_token_ids
+        positions = check_checkpoint_args(ids, params.prompt_logprobs is not None, checkpoint_at, start_from)
         req = Request(request_id, inp.prompt, ids, params, RequestMetrics(time.monotonic()), beam=inp.beam, stream=stream)
         seq = Sequence(list(ids), len(ids))
         if params.seed is not None:
             seq.generator = self._generator(params.seed, 0)
         req.seqs.append(seq)
+        self.checkpoints.attach(req, seq, positions, start_from)
         self.output.start(req, seq)
         self.requests[request_id] = req
         self.scheduler.add(req)
@@ -128,6 +136,13 @@ class LLMEngine:
         self._retire(req)
         return self.output.make_output(req)
 
+    def take_checkpoints(self, request_id: str) -> list[StateCheckpoint]:
+        """The state checkpoints a request's ``checkpoint_at`` has produced so far; the caller releases each when done."""
+        return self.checkpoints.take(request_id)
+
+    def release_checkpoint(self, ckpt: StateCheckpoint) -> None:
+        self.kv.release(ckpt)
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -146,6 +161,7 @@ class LLMEngine:
             if c.seq.seq_id in logits.prompt:
                 self._add_prompt_logprobs(c.request, c.start, logits.prompt[c.seq.seq_id])
             self.kv.cache_computed(c.seq.seq_id, c.seq.token_ids, c.seq.num_computed_tokens)
+            self.checkpoints.after_chunk(c.request, c.seq)
         if plan.to_sample:
             self._sample(plan.to_sample, logits.last)
         return self._finish_and_emit(plan)
@@ -224,6 +240,7 @@ class LLMEngine:
         assert not req.live_seqs, "a request retires only when each of its sequences has a finish reason"
         for s in req.seqs:
             self.kv.free(s.seq_id)
+        self.checkpoints.retire(req)
         req.status = RequestStatus.FINISHED
         self.scheduler.remove(req)
         self.requests.pop(req.request_id, None)

@@ -29,13 +29,17 @@ def kv_waste_slots(engine: LLMEngine) -> int:
 
 def engine_metrics(engine: LLMEngine, with_waste: bool = True) -> dict[str, float]:
     """Everything in one dict; ``with_waste=False`` skips the one figure that walks every block table. Block counts add
-    up the layer groups' pools; usage weighs each group by its bytes."""
+    up the token-holding groups' pools, a hybrid's state slots are counted apart (``mamba_slots_*``); usage weighs
+    each group by its bytes."""
     kv, sched, plan = engine.kv, engine.scheduler, engine.memory_plan
-    pools = [m.pool for m in kv.managers]
+    every = [m.pool for m in kv.managers]
+    token_groups = [i for i, m in enumerate(kv.managers) if m.spec.bytes_per_token]
+    pools = [every[i] for i in token_groups]
     total = sum(p.num_blocks for p in pools)
     used = sum(p.num_blocks - p.num_free for p in pools)
     cached = sum(p.num_cached_unused for p in pools)
-    used_bytes = sum((p.num_blocks - p.num_free) * g.bytes_per_block for p, g in zip(pools, plan.groups))
+    used_bytes = sum((p.num_blocks - p.num_free) * g.bytes_per_block for p, g in zip(every, plan.groups))
+    state = [(every[i], kv.managers[i], plan.groups[i]) for i in range(len(every)) if i not in token_groups]
     out = {
         "num_requests_running": len(sched.running),
         "num_requests_waiting": len(sched.waiting),
@@ -52,10 +56,17 @@ def engine_metrics(engine: LLMEngine, with_waste: bool = True) -> dict[str, floa
         "kv_blocks_used": used,
         "kv_blocks_free": sum(p.num_free for p in pools) - cached,
         "kv_blocks_cached": cached,
-        "kv_host_blocks_total": sum(m.host_pool.num_blocks for m in kv.managers),
-        "kv_host_blocks_used": sum(m.host_pool.num_blocks - m.host_pool.num_free for m in kv.managers),
+        "kv_host_blocks_total": sum(kv.managers[i].host_pool.num_blocks for i in token_groups),
+        "kv_host_blocks_used": sum(kv.managers[i].host_pool.num_blocks - kv.managers[i].host_pool.num_free for i in token_groups),
         "kv_bytes_per_token": plan.bytes_per_token,
     }
+    if state:
+        out.update({
+            "mamba_slots_total": sum(p.num_blocks for p, _, _ in state),
+            "mamba_slots_used": sum(p.num_blocks - p.num_free for p, _, _ in state),
+            "mamba_host_slots_used": sum(m.host_pool.num_blocks - m.host_pool.num_free for _, m, _ in state),
+            "mamba_bytes_per_slot": sum(g.bytes_per_block for _, _, g in state),
+        })
     if with_waste:
         waste = kv_waste_slots(engine)
         out["kv_waste_slots"] = waste

@@ -104,16 +104,17 @@ class Scheduler:
         return SchedulerOutput(seqs, sample_ids, want_prompt, self.kv.take_ops())
 
     def _plan(self, req: Request, budget: int) -> list[tuple[Sequence, int]] | None:
-        """Tokens per live sequence: all remaining when the whole request fits, else a chunk that samples nothing."""
+        """Tokens per live sequence: all remaining when the whole request fits, else a chunk that samples nothing.
+        A chunk ends at the sequence's next checkpoint position, so its state there can be taken (whatever the budget)."""
         seqs = req.live_seqs
         total = sum(s.num_uncomputed for s in seqs)
         if total <= budget:
-            return [(s, s.num_uncomputed) for s in seqs]
+            return [(s, s.until_checkpoint(s.num_uncomputed)) for s in seqs]
         if not self.chunked or budget <= 0:
             return None
         plan = []
         for s in seqs:
-            n = min(s.num_uncomputed - 1, budget)
+            n = s.until_checkpoint(min(s.num_uncomputed - 1, budget))
             if n > 0:
                 plan.append((s, n))
                 budget -= n
@@ -168,7 +169,9 @@ class Scheduler:
             prefixes: dict[int, PrefixHit] = {}
             for s in req.live_seqs:
                 if s.num_computed_tokens == 0 and not self.kv.has(s.seq_id):
-                    prefixes[s.seq_id] = self.kv.computed_prefix(s.token_ids)
+                    # a hit stops short of the first checkpoint position, so that a chunk ends there and its state is kept
+                    lookup = s.token_ids[: s.checkpoint_at[0]] if s.checkpoint_at else s.token_ids
+                    prefixes[s.seq_id] = self.kv.resume_hit(req.start_from) if req.start_from else self.kv.computed_prefix(lookup)
             for s in req.live_seqs:
                 s.num_computed_tokens = self._hit_tokens(prefixes, s)
             plan = self._plan(req, budget)
@@ -187,7 +190,7 @@ class Scheduler:
 
     def _hit_tokens(self, prefixes: dict[int, PrefixHit], seq: Sequence) -> int:
         hit = prefixes.get(seq.seq_id)
-        return hit.num_blocks * self.kv.block_size if hit else 0
+        return hit.num_tokens if hit else 0
 
     def _admit_blocks(self, req: Request, plan: list[tuple[Sequence, int]], prefixes: dict[int, PrefixHit]) -> bool:
         """Allocate every planned sequence (keeping the watermark free while others run) or none."""

@@ -8,6 +8,7 @@ from enum import Enum
 
 import torch
 
+from kvtier.cache.checkpoint import StateCheckpoint
 from kvtier.outputs import Logprob, PromptLogprobs, RequestMetrics
 from kvtier.sampling_params import BeamSearchParams, SamplingParams
 
@@ -35,6 +36,12 @@ class Sequence:
     stop_reason: int | str | None = None
     text: str = ""
     detokenizer: object | None = None  # IncrementalDetokenizer while text is needed token by token
+    checkpoint_at: list[int] = field(default_factory=list)  # positions (tokens computed) whose cache state to keep, ascending
+
+    def until_checkpoint(self, n: int) -> int:
+        """``n`` new tokens, or fewer so that a chunk stops at the next checkpoint position."""
+        ahead = [p for p in self.checkpoint_at if p > self.num_computed_tokens]
+        return min(n, ahead[0] - self.num_computed_tokens) if ahead else n
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -75,6 +82,7 @@ class Request:
     forked: bool = False  # n > 1: children split off after the first sample
     finished_beams: list[Sequence] = field(default_factory=list)
     stream: bool = False
+    start_from: StateCheckpoint | None = None  # the request's own hold on the checkpoint its prompt resumes from
 
     @property
     def live_seqs(self) -> list[Sequence]:

@@ -107,6 +107,8 @@ def cmd_info(ns: argparse.Namespace) -> int:
         "kv_heads": cfg.num_key_value_heads,
         "head_dim": cfg.head_dim,
         "max_model_len": engine.max_model_len,
+        "mamba_layers": list(cfg.mamba_layers),
+        "prefix_caching": engine.kv.prefix_caching,
         "memory_plan": {
             "kv_budget_bytes": plan.budget_bytes,
             "kv_bytes_per_token": plan.bytes_per_token,
@@ -120,10 +122,10 @@ def cmd_info(ns: argparse.Namespace) -> int:
                 "bytes_per_block": g.bytes_per_block,
                 "num_blocks": g.num_blocks,
                 "num_host_blocks": g.num_host_blocks,
-                "max_cached_tokens": g.num_blocks * plan.block_size,
+                "max_cached_tokens": g.num_blocks * plan.block_size if g.group.bytes_per_token else None,  # a state slot holds no tokens
             } for g in plan.groups],
         },
-        "kv_cache": {k: v for k, v in engine_metrics(engine).items() if k.startswith("kv_")},
+        "kv_cache": {k: v for k, v in engine_metrics(engine).items() if k.startswith(("kv_", "mamba_"))},
     }
     print(json.dumps(info, indent=2) if ns.json else info_summary(ns.model, info))
     return 0
@@ -144,15 +146,22 @@ def info_summary(model: str, info: dict) -> str:
     rows = [
         ("model", model),
         ("architecture", f"{info['architecture']}, {info['parameters'] / 1e6:.2f} M parameters, {info['dtype']} on {info['device']}"),
-        ("attention", f"{info['layers']} layers, {info['heads']} heads, {info['kv_heads']} KV heads of dimension {info['head_dim']}"),
+        ("attention", f"{info['layers'] - len(info['mamba_layers'])} of {info['layers']} layers, {info['heads']} heads, "
+                      f"{info['kv_heads']} KV heads of dimension {info['head_dim']}"),
         ("context", f"{info['max_model_len']} tokens"),
         ("KV per token", f"{_size(plan['kv_bytes_per_token'])} in blocks of {plan['block_size']} tokens"),
         ("KV budget", f"{_size(plan['kv_budget_bytes'])}, split among {len(plan['groups'])} layer group(s):"),
     ]
     for g in plan["groups"]:
-        rows.append((f"  {g['kind']}", f"{len(g['layers'])} layers, {g['share']:.0%} = {_size(g['budget_bytes'])}: {g['num_blocks']} blocks "
-                                       f"of {_size(g['bytes_per_block'])}, {g['max_cached_tokens']} tokens; {g['num_host_blocks']} host blocks"))
+        held = f"{g['max_cached_tokens']} tokens" if g["max_cached_tokens"] is not None else "one a sequence"
+        unit = "blocks" if g["max_cached_tokens"] is not None else "slots"
+        rows.append((f"  {g['kind']}", f"{len(g['layers'])} layers, {g['share']:.0%} = {_size(g['budget_bytes'])}: {g['num_blocks']} {unit} "
+                                       f"of {_size(g['bytes_per_block'])}, {held}; {g['num_host_blocks']} host {unit}"))
     rows.append(("blocks now", f"{kv['kv_blocks_free']} free, {kv['kv_blocks_cached']} cached, {kv['kv_blocks_used']} used"))
+    if info["mamba_layers"]:
+        rows.append(("slots now", f"{kv['mamba_slots_total'] - kv['mamba_slots_used']} free, {kv['mamba_slots_used']} used"))
+    rows.append(("prefix caching", "on" if info["prefix_caching"] else
+                 "off" + (" (a hybrid's Mamba2 state cannot be cut back to a cached prefix)" if info["mamba_layers"] else "")))
     width = max(len(label) for label, _ in rows) + 3
     return "\n".join(f"{label:<{width}}{value}" for label, value in rows) + "\n(--json prints all of this as JSON)"
 

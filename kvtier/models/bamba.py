@@ -8,18 +8,16 @@ so the model does not know which group is which beyond its own layer kinds.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import nn
 
 from kvtier.attention.backend import AttentionBackend
+from kvtier.models.causal_lm import CausalLM
 from kvtier.models.config import ModelConfig
 from kvtier.models.layers import GatedMLP, RMSNorm
 from kvtier.models.llama import Attention
 from kvtier.models.mamba2 import Mamba2Mixer
 from kvtier.models.rope import RotaryEmbedding
-from kvtier.models.weights import load_hf_weights
 
 
 class HybridLayer(nn.Module):
@@ -40,7 +38,7 @@ class HybridLayer(nn.Module):
         return x + self.feed_forward(self.pre_ff_layernorm(x))
 
 
-class BambaForCausalLM(nn.Module):
+class BambaForCausalLM(CausalLM):
     """Hybrid decoder over a flattened batch of tokens [T]."""
 
     def __init__(self, cfg: ModelConfig, max_positions: int, backend: AttentionBackend) -> None:
@@ -52,9 +50,7 @@ class BambaForCausalLM(nn.Module):
                                     else HybridLayer(cfg, Attention(cfg, rotary, backend), "self_attn")
                                     for i in range(cfg.num_hidden_layers))
         self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.add_lm_head(cfg, self.embed_tokens)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, caches: list[tuple[torch.Tensor, torch.Tensor]], metas: list[object]) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm; each layer reads its own cache with its group's metadata."""
@@ -62,9 +58,3 @@ class BambaForCausalLM(nn.Module):
         for layer, cache, meta in zip(self.layers, caches, metas):
             x = layer(x, positions, cache, meta)
         return self.final_layernorm(x)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        load_hf_weights(self, weights, self.config.tie_word_embeddings)

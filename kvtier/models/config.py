@@ -82,6 +82,17 @@ class Mamba2Config:
         return cfg
 
 
+    @classmethod
+    def from_nemotron_h(cls, raw: dict[str, Any]) -> Mamba2Config:
+        """The mixer of a NemotronH ``config.json``. Like transformers, its dt clamp is ``(time_step_min, inf)``,
+        whatever ``time_step_limit`` says."""
+        return cls(hidden_size=raw["hidden_size"], num_heads=raw["mamba_num_heads"], head_dim=raw["mamba_head_dim"],
+                   n_groups=raw.get("n_groups", 8), state_size=raw.get("ssm_state_size", 128), conv_kernel=raw.get("conv_kernel", 4),
+                   chunk_size=raw.get("chunk_size", 128), conv_bias=bool(raw.get("use_conv_bias", True)),
+                   proj_bias=bool(raw.get("use_bias", False)), norm_eps=raw.get("layer_norm_epsilon", 1e-5),
+                   time_step_limit=(float(raw.get("time_step_min", 0.001)), math.inf))
+
+
 def parse_time_step_limit(value: Any) -> tuple[float, float]:
     """``time_step_limit`` as config.json writes it: absent, or two bounds, each a number, "Infinity" or
     transformers' ``{"__float__": "Infinity"}``."""
@@ -113,7 +124,7 @@ class ModelConfig:
     vocab_size: int
     max_position_embeddings: int
     rms_norm_eps: float
-    rope: RopeConfig
+    rope: RopeConfig | None  # None: no positional encoding (NemotronH's attention layers)
     tie_word_embeddings: bool
     attention_bias: bool
     qkv_bias: bool
@@ -124,14 +135,19 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     mamba: Mamba2Config | None = None  # the Mamba2 mixer of a hybrid's SSM layers
-    mamba_layers: tuple[int, ...] = ()  # which layers are Mamba2 (the rest attend)
+    mamba_layers: tuple[int, ...] = ()  # which layers are Mamba2
+    mlp_layers: tuple[int, ...] = ()  # layers with an MLP alone, no cache (NemotronH's "-" blocks); the rest attend
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def kv_bytes_per_token(self) -> int:
         """Bytes of K and V that one token occupies across the attention layers."""
         elem = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * (self.num_hidden_layers - len(self.mamba_layers)) * self.num_key_value_heads * self.head_dim * elem
+        return 2 * len(self.attention_layers) * self.num_key_value_heads * self.head_dim * elem
+
+    @property
+    def attention_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_hidden_layers) if i not in self.mamba_layers and i not in self.mlp_layers)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ModelConfig:
@@ -146,7 +162,8 @@ class ModelConfig:
         heads = raw["num_attention_heads"]
         hidden = raw["hidden_size"]
         model_type = raw.get("model_type", "")
-        layers = raw["num_hidden_layers"]
+        kinds = _nemotron_h_kinds(raw) if model_type == "nemotron_h" else None
+        layers = len(kinds) if kinds else raw["num_hidden_layers"]
         return cls(
             architecture=archs[0],
             model_type=model_type,
@@ -158,8 +175,8 @@ class ModelConfig:
             intermediate_size=raw["intermediate_size"],
             vocab_size=raw["vocab_size"],
             max_position_embeddings=raw.get("max_position_embeddings", 2048),
-            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-            rope=_parse_rope(raw),
+            rms_norm_eps=raw.get("rms_norm_eps", raw.get("layer_norm_epsilon", 1e-6)),
+            rope=None if model_type == "nemotron_h" else _parse_rope(raw),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=bool(raw.get("attention_bias", False)),
             qkv_bias=model_type == "qwen2" or bool(raw.get("attention_bias", False)),
@@ -169,17 +186,41 @@ class ModelConfig:
             dtype=parse_dtype(raw.get("dtype") or raw.get("torch_dtype") or "float32", "config.dtype"),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=_as_tuple(raw.get("eos_token_id")),
-            **_parse_hybrid(raw, model_type, layers),
+            **_parse_hybrid(raw, model_type, layers, kinds),
             raw=raw,
         )
 
 
-def _parse_hybrid(raw: dict[str, Any], model_type: str, layers: int) -> dict[str, Any]:
+def _parse_hybrid(raw: dict[str, Any], model_type: str, layers: int, kinds: tuple[str, ...] | None) -> dict[str, Any]:
     """The Mamba2 mixer and its layers, for the hybrid families kvtier runs; nothing for a pure transformer."""
+    if model_type == "nemotron_h" and kinds:
+        return {"mamba": Mamba2Config.from_nemotron_h(raw), "mamba_layers": tuple(i for i, k in enumerate(kinds) if k == "linear_attention"),
+                "mlp_layers": tuple(i for i, k in enumerate(kinds) if k == "mlp")}
     if model_type != "bamba":
         return {}
     attention = set(raw.get("attn_layer_indices") or ())
     return {"mamba": Mamba2Config.from_bamba(raw), "mamba_layers": tuple(i for i in range(layers) if i not in attention)}
+
+
+_NEMOTRON_H_PATTERN = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
+
+
+def _nemotron_h_kinds(raw: dict[str, Any]) -> tuple[str, ...]:
+    """NemotronH's block kinds, from ``layers_block_type`` (transformers 5) or ``hybrid_override_pattern`` ("M*-M...")."""
+    kinds = raw.get("layers_block_type")
+    if kinds is None:
+        pattern = raw.get("hybrid_override_pattern") or ""
+        if set(pattern) - set(_NEMOTRON_H_PATTERN):
+            raise InvalidArgumentError("config.hybrid_override_pattern", f"must use only {''.join(_NEMOTRON_H_PATTERN)}, got {pattern!r}")
+        kinds = [_NEMOTRON_H_PATTERN[c] for c in pattern]
+    if not kinds:
+        raise InvalidArgumentError("config.layers_block_type", "a NemotronH config must list its blocks (or give hybrid_override_pattern)")
+    supported = ("linear_attention", "full_attention", "mlp")
+    bad = sorted(set(kinds) - set(supported))
+    if bad:
+        raise InvalidArgumentError("config.layers_block_type", f"kvtier runs NemotronH blocks of kinds {list(supported)}; "
+                                   f"this model has {bad} (mixture-of-experts blocks are not supported yet)")
+    return tuple(kinds)
 
 
 def _as_tuple(value: int | list[int] | None) -> tuple[int, ...]:

@@ -1,4 +1,4 @@
-"""Building blocks shared by the decoders: RMSNorm and the gated MLP."""
+"""Building blocks shared by the decoders: RMSNorm and the MLPs."""
 
 from __future__ import annotations
 
@@ -37,3 +37,15 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
+
+
+class ReluSquaredMLP(nn.Module):
+    """NemotronH's MLP: ``down(relu(up(x))^2)``, no gate (Primer's squared ReLU)."""
+
+    def __init__(self, hidden: int, intermediate: int, bias: bool) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.relu(self.up_proj(x)).square())

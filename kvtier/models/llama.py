@@ -6,21 +6,20 @@ serves all four. Attention goes through the engine's ``AttentionBackend`` over t
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import nn
 
 from kvtier.attention.backend import AttentionBackend
 from kvtier.attention.metadata import AttentionMetadata
+from kvtier.models.causal_lm import CausalLM
 from kvtier.models.config import ModelConfig
 from kvtier.models.layers import GatedMLP, RMSNorm
 from kvtier.models.rope import RotaryEmbedding
-from kvtier.models.weights import load_hf_weights
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend) -> None:
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding | None, backend: AttentionBackend) -> None:
+        """``rotary``: None for attention without positional encoding (NemotronH's)."""
         super().__init__()
         self.backend = backend
         self.num_heads = cfg.num_attention_heads
@@ -47,7 +46,8 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        if self.rotary is not None:
+            q, k = self.rotary(positions, q, k)
         out = self.backend.forward(q, k, v, kv[0], kv[1], meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
@@ -65,7 +65,7 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     """Decoder-only transformer over a flattened batch of tokens [T]."""
 
     def __init__(self, cfg: ModelConfig, max_positions: int, backend: AttentionBackend) -> None:
@@ -75,9 +75,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, backend) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.add_lm_head(cfg, self.embed_tokens)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                 metas: list[AttentionMetadata]) -> torch.Tensor:
@@ -87,10 +85,3 @@ class LlamaForCausalLM(nn.Module):
         for layer, kv, meta in zip(self.layers, kv_caches, metas):
             x = layer(x, positions, kv, meta)
         return self.norm(x)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors in, fusing q/k/v and gate/up; every parameter must be filled once."""
-        load_hf_weights(self, weights, self.config.tie_word_embeddings)

@@ -7,6 +7,7 @@ from torch import nn
 from kvtier.errors import UnsupportedArchitectureError
 from kvtier.models.bamba import BambaForCausalLM
 from kvtier.models.llama import LlamaForCausalLM
+from kvtier.models.nemotron_h import NemotronHForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -14,6 +15,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
     "BambaForCausalLM": BambaForCausalLM,
+    "NemotronHForCausalLM": NemotronHForCausalLM,
 }
 
 

@@ -28,16 +28,17 @@ def _shard_count(name: str) -> int | None:
 
 
 def load_hf_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], tied_lm_head: bool) -> None:
-    """Copy ``weights`` (HF names, ``model.`` prefix optional) into ``model``'s parameters."""
+    """Copy ``weights`` (HF names, ``model.`` or ``backbone.`` prefix optional) into ``model``'s parameters. A projection
+    is packed only where ``model`` has the fused parameter (NemotronH's ``up_proj`` stands alone)."""
     params = dict(model.named_parameters(remove_duplicate=False))
     filled: set[tuple[str, int | None]] = set()
     for hf_name, tensor in weights:
-        name = hf_name.removeprefix("model.")
+        name = hf_name.removeprefix("model.").removeprefix("backbone.")
         if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and tied_lm_head):
             continue
         target, shard = name, None
         for frag, (fused, idx) in PACKED.items():
-            if f".{frag}." in name:
+            if f".{frag}." in name and name.replace(frag, fused) in params:
                 target, shard = name.replace(frag, fused), idx
                 break
         if target not in params:
@@ -60,7 +61,7 @@ def load_hf_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]
 def _hf_name(name: str, shard: int | None) -> str:
     """Our (parameter, shard) back to the checkpoint's tensor name."""
     for frag, (fused, idx) in PACKED.items():
-        if fused in name and idx == shard:
+        if f".{fused}." in name and idx == shard:
             name = name.replace(fused, frag)
             break
     return name if name.startswith("lm_head") else "model." + name

@@ -229,6 +229,12 @@ Multi-key needle accuracy at {results['held_out_context']} tokens by depth:
 
 The training rows are {training['seq_len']} tokens long; the longest column measures length extrapolation past them.
 
+Variable tracking stays out of reach at this size, though training grows its chains from one link to four:
+each link names its answer before what identifies it ("VAR B = VAR A"), so to recall B when asked about A's
+value a causal model must already have folded the 2-4 token name B into the positions after it. The copy
+circuit these models start from (and what retrieval learns on top of it) reads the tokens that follow a
+match, which is the passkey and multi-key layout, not this one.
+
 ## Greedy continuation of `def fibonacci(n):`
 
 ```python

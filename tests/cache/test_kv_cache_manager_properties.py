@@ -1,7 +1,8 @@
 """Property tests of the KV cache managers behind the coordinator: random allocate / append / fork / free /
-prefix-hit / evict sequences never leak or double-free a block, keep reference counts equal to the number of
-table references, and never let one sequence's writes change another sequence's tokens. The same rules run
-over a sliding-window group, which must also give back every block its window has left.
+prefix-hit / evict / checkpoint / resume sequences never leak or double-free a block, keep reference counts equal
+to the number of table and checkpoint references, and never let one sequence's writes change another sequence's
+(or a checkpoint's) tokens. The same rules run over a sliding-window group, which must also give back every block
+its window has left.
 
 The test keeps its own model of what every physical slot holds, applying the manager's
 copy-on-write orders exactly as the worker would, and checks each sequence reads back its tokens.
@@ -16,6 +17,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from kvtier.cache.checkpoint import StateCheckpoint
 from kvtier.cache.coordinator import KVCacheCoordinator
 from kvtier.cache.full_attention import FullAttentionManager
 from kvtier.cache.memory_plan import MemoryPlan
@@ -43,6 +45,7 @@ class KVCacheMachine(RuleBasedStateMachine):
         self.kv = self.coord.managers[0]
         self.slots: dict[tuple[int, int], int] = {}  # (block_id, offset) -> token held
         self.seqs: dict[int, list[int]] = {}  # seq_id -> tokens whose K/V are written
+        self.checkpoints: list[StateCheckpoint] = []
         self.next_id = 0
 
     # ---- helpers mirroring the worker ----------------------------------------------------------
@@ -89,14 +92,14 @@ class KVCacheMachine(RuleBasedStateMachine):
         self._apply_ops()
         for sid, prompt, hit in zip(sids, prompts, hits):
             # a prefix hit must hold exactly the prompt's leading tokens (those its window reads), even after the group's other allocations
-            done = hit.num_blocks * BLOCK
+            done = hit.num_tokens
             table = self.kv.block_ids(sid)
             for i in range(self._first_read(done), done):
                 assert self.slots[(table[i // BLOCK], i % BLOCK)] == prompt[i]
             self.seqs[sid] = list(prompt[:done])
         for sid, prompt, hit in zip(sids, prompts, hits):
             table = self.kv.block_ids(sid)
-            for i in range(hit.num_blocks * BLOCK, len(prompt)):
+            for i in range(hit.num_tokens, len(prompt)):
                 self.slots[(table[i // BLOCK], i % BLOCK)] = prompt[i]
             self.seqs[sid] = list(prompt)
             self.kv.cache_computed(sid, prompt, len(prompt))
@@ -126,6 +129,38 @@ class KVCacheMachine(RuleBasedStateMachine):
         self.coord.free(sid)
         del self.seqs[sid]
 
+    @precondition(lambda self: self.seqs)
+    @rule(data=st.data())
+    def checkpoint(self, data) -> None:
+        sid = data.draw(st.sampled_from(sorted(self.seqs)))
+        self.checkpoints.append(self.coord.checkpoint(sid, self.seqs[sid]))
+
+    @precondition(lambda self: self.checkpoints)
+    @rule(data=st.data(), rest=st.lists(st.integers(0, 3), min_size=1, max_size=6))
+    def resume(self, data, rest: list[int]) -> None:
+        """A new sequence starts from a checkpoint (which may end inside a block) and writes on from there."""
+        ckpt = data.draw(st.sampled_from(self.checkpoints))
+        sid = self.next_id
+        self.next_id += 1
+        done = list(ckpt.token_ids)
+        before = self.kv.num_free_blocks
+        if not self.coord.admit([(sid, len(done) + len(rest), self.coord.resume_hit(ckpt))]):
+            assert self.kv.num_free_blocks == before and sid not in self.kv.tables, "a failed admission must change nothing"
+            return
+        self._apply_ops()
+        table = self.kv.block_ids(sid)
+        for i, tok in enumerate(rest, len(done)):
+            self.slots[(table[i // BLOCK], i % BLOCK)] = tok
+        self.seqs[sid] = done + rest
+        self.kv.cache_computed(sid, self.seqs[sid], len(self.seqs[sid]))
+
+    @precondition(lambda self: self.checkpoints)
+    @rule(data=st.data())
+    def release_checkpoint(self, data) -> None:
+        ckpt = self.checkpoints.pop(data.draw(st.integers(0, len(self.checkpoints) - 1)))
+        self.coord.release(ckpt)
+        self.coord.release(ckpt)  # a second release does nothing
+
     @rule()
     def evict_one(self) -> None:
         """Take a block (evicting an LRU cached one if needed) and give it straight back."""
@@ -144,8 +179,19 @@ class KVCacheMachine(RuleBasedStateMachine):
             assert got == tokens[first:], f"seq {sid} reads {got}, wrote {tokens[first:]}"
 
     @invariant()
+    def every_checkpoint_keeps_its_tokens(self) -> None:
+        for ckpt in self.checkpoints:
+            table, tokens = ckpt.blocks[0], list(ckpt.token_ids)
+            first = self._first_read(len(tokens))
+            got = [self.slots.get((table[i // BLOCK].block_id, i % BLOCK)) for i in range(first, len(tokens))]
+            assert got == tokens[first:], f"a checkpoint reads {got}, was taken at {tokens[first:]}"
+
+    def _held(self) -> list[list]:
+        return list(self.kv.tables.values()) + [c.blocks[0] for c in self.checkpoints]
+
+    @invariant()
     def reference_counts_match_tables(self) -> None:
-        refs = Counter(b.block_id for t in self.kv.tables.values() for b in t if b is not None)
+        refs = Counter(b.block_id for t in self._held() for b in t if b is not None)
         for block in self.kv.pool.blocks:
             assert block.ref_count == refs.get(block.block_id, 0)
 
@@ -153,7 +199,7 @@ class KVCacheMachine(RuleBasedStateMachine):
     def no_leak_no_double_free(self) -> None:
         free_ids = [b.block_id for b in self.kv.pool._free] + list(self.kv.prefix_cache._lru)
         assert len(free_ids) == len(set(free_ids)), "a block is free twice"
-        in_use = {b.block_id for t in self.kv.tables.values() for b in t if b is not None}
+        in_use = {b.block_id for t in self._held() for b in t if b is not None}
         assert not in_use & set(free_ids), "a referenced block is on a free list"
         assert len(in_use) + len(free_ids) == NUM_BLOCKS, "a block leaked"
 
@@ -229,7 +275,7 @@ def test_admitting_a_group_never_evicts_a_prefix_another_member_reuses():
     x = prompts["A"][:BLOCK] + [5] * (BLOCK * plain_free + 1)
     y = prompts["B"][:BLOCK] + [6]
     px, py = coord.computed_prefix(x), coord.computed_prefix(y)
-    assert px.num_blocks == py.num_blocks == 1
+    assert px.num_tokens == py.num_tokens == BLOCK
     assert coord.admit([(10, len(x), px), (11, len(y), py)])
     assert not set(kv.block_ids(10)) & set(kv.block_ids(11)), "X and Y share no tokens, so no block"
     y_block = py.blocks[0][0]
@@ -296,5 +342,5 @@ def test_a_sliding_window_hit_needs_only_the_blocks_its_window_reads():
     assert [b is None for b in known] == [True] * 3 + [False] * 3
     assert FullAttentionManager.hit_length(kv, known, 6) == 0
     hit = coord.computed_prefix(prompt + [99])
-    assert hit.num_blocks == 6 and [b is None for b in hit.blocks[0]] == [True] * 4 + [False] * 2
-    assert coord.computed_prefix([100] + prompt[1:] + [99]).num_blocks == 0, "another first block must not reach the same cached tail"
+    assert hit.num_tokens == 6 * BLOCK and [b is None for b in hit.blocks[0]] == [True] * 4 + [False] * 2
+    assert coord.computed_prefix([100] + prompt[1:] + [99]).num_tokens == 0, "another first block must not reach the same cached tail"

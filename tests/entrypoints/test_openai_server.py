@@ -23,8 +23,11 @@ def start_server(model: str, *extra: str) -> tuple[subprocess.Popen, str]:
     return server_process.start_server(model, "--served-model-name", "tiny", "--kv-cache-memory", KV, *extra)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+@pytest.fixture(scope="module", params=["llama", "kvtier-tiny-hybrid"])
+def model_dir(request, tmp_path_factory):
+    """A random Llama, and the shipped hybrid (attention + Mamba2): every server test runs on both."""
+    if request.param == "kvtier-tiny-hybrid":
+        return request.param
     return str(build_random_checkpoint(tmp_path_factory.mktemp("srv"), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                        num_key_value_heads=2, intermediate_size=128, vocab_size=2048, tokenizer_vocab_size=2048))
 

@@ -28,6 +28,8 @@ _ENGINE = {
     "kv_cache_usage_perc": ("kv_cache_usage_perc", "Fraction of KV blocks held by running sequences (1 means 100 percent).", "gauge", True),
     "kv_blocks_free": ("kv_cache_free_blocks", "KV blocks free (not counting cached ones).", "gauge", False),
     "kv_blocks_cached": ("kv_cache_cached_blocks", "Unreferenced KV blocks kept for prefix reuse.", "gauge", False),
+    "mamba_slots_used": ("mamba_state_slots_used", "Mamba2 state slots held by sequences (hybrid models).", "gauge", False),
+    "mamba_slots_total": ("mamba_state_slots_total", "Mamba2 state slots in the pool (hybrid models).", "gauge", False),
     "prefix_cache_queries": ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "counter", True),
     "prefix_cache_hits": ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", "counter", True),
     "num_preemptions": ("num_preemptions", "Requests preempted for lack of KV blocks.", "counter", True),
@@ -86,8 +88,8 @@ class _EngineCollector(Collector):
         values = self.engine.metrics()
         for naming in self.namings:
             for key, (name, doc, kind, in_vllm) in _ENGINE.items():
-                if not (in_vllm or naming.with_all_engine_metrics):
-                    continue
+                if not (in_vllm or naming.with_all_engine_metrics) or key not in values:
+                    continue  # a pure transformer has no mamba_* figures
                 cls = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
                 family = cls(f"{naming.prefix}:{name}", doc, labels=list(naming.labels))
                 family.add_metric(list(naming.values), float(values[key]))
