@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from kvtier.cache.block_pool import BlockPool
     from kvtier.engine.llm_engine import LLMEngine
 
 
@@ -32,14 +33,12 @@ def engine_metrics(engine: LLMEngine, with_waste: bool = True) -> dict[str, floa
     up the token-holding groups' pools, a hybrid's state slots are counted apart (``mamba_slots_*``); usage weighs
     each group by its bytes."""
     kv, sched, plan = engine.kv, engine.scheduler, engine.memory_plan
-    every = [m.pool for m in kv.managers]
-    token_groups = [i for i, m in enumerate(kv.managers) if m.spec.bytes_per_token]
-    pools = [every[i] for i in token_groups]
-    total = sum(p.num_blocks for p in pools)
-    used = sum(p.num_blocks - p.num_free for p in pools)
-    cached = sum(p.num_cached_unused for p in pools)
-    used_bytes = sum((p.num_blocks - p.num_free) * g.bytes_per_block for p, g in zip(every, plan.groups))
-    state = [(every[i], kv.managers[i], plan.groups[i]) for i in range(len(every)) if i not in token_groups]
+    groups = list(zip(kv.managers, plan.groups))
+    tokens = [m for m, _ in groups if m.spec.bytes_per_token]
+    state = [(m, g) for m, g in groups if not m.spec.bytes_per_token]
+    total = sum(m.pool.num_blocks for m in tokens)
+    used = sum(_used(m.pool) for m in tokens)
+    cached = sum(m.pool.num_cached_unused for m in tokens)
     out = {
         "num_requests_running": len(sched.running),
         "num_requests_waiting": len(sched.waiting),
@@ -51,21 +50,21 @@ def engine_metrics(engine: LLMEngine, with_waste: bool = True) -> dict[str, floa
         "requests_aborted": engine.counters["requests_aborted"],
         "prefix_cache_queries": kv.prefix_queries,
         "prefix_cache_hits": kv.prefix_hits,
-        "kv_cache_usage_perc": used_bytes / max(1, sum(g.num_blocks * g.bytes_per_block for g in plan.groups)),
+        "kv_cache_usage_perc": sum(_used(m.pool) * g.bytes_per_block for m, g in groups) / max(1, sum(g.num_blocks * g.bytes_per_block for g in plan.groups)),
         "kv_blocks_total": total,
         "kv_blocks_used": used,
-        "kv_blocks_free": sum(p.num_free for p in pools) - cached,
+        "kv_blocks_free": sum(m.pool.num_free for m in tokens) - cached,
         "kv_blocks_cached": cached,
-        "kv_host_blocks_total": sum(kv.managers[i].host_pool.num_blocks for i in token_groups),
-        "kv_host_blocks_used": sum(kv.managers[i].host_pool.num_blocks - kv.managers[i].host_pool.num_free for i in token_groups),
+        "kv_host_blocks_total": sum(m.host_pool.num_blocks for m in tokens),
+        "kv_host_blocks_used": sum(_used(m.host_pool) for m in tokens),
         "kv_bytes_per_token": plan.bytes_per_token,
     }
     if state:
         out.update({
-            "mamba_slots_total": sum(p.num_blocks for p, _, _ in state),
-            "mamba_slots_used": sum(p.num_blocks - p.num_free for p, _, _ in state),
-            "mamba_host_slots_used": sum(m.host_pool.num_blocks - m.host_pool.num_free for _, m, _ in state),
-            "mamba_bytes_per_slot": sum(g.bytes_per_block for _, _, g in state),
+            "mamba_slots_total": sum(m.pool.num_blocks for m, _ in state),
+            "mamba_slots_used": sum(_used(m.pool) for m, _ in state),
+            "mamba_host_slots_used": sum(_used(m.host_pool) for m, _ in state),
+            "mamba_bytes_per_slot": sum(g.bytes_per_block for _, g in state),
         })
     if with_waste:
         waste = kv_waste_slots(engine)
@@ -73,3 +72,7 @@ def engine_metrics(engine: LLMEngine, with_waste: bool = True) -> dict[str, floa
         out["kv_waste_fraction_of_pool"] = waste / (total * kv.block_size)
         out["kv_waste_fraction_of_used"] = waste / max(1, used * kv.block_size)
     return out
+
+
+def _used(pool: BlockPool) -> int:
+    return pool.num_blocks - pool.num_free
