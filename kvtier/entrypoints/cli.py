@@ -107,6 +107,7 @@ def cmd_info(ns: argparse.Namespace) -> int:
         "kv_heads": cfg.num_key_value_heads,
         "head_dim": cfg.head_dim,
         "max_model_len": engine.max_model_len,
+        "attention_layers": list(cfg.attention_layers),
         "mamba_layers": list(cfg.mamba_layers),
         "prefix_caching": engine.kv.prefix_caching,
         "memory_plan": {
@@ -146,7 +147,7 @@ def info_summary(model: str, info: dict) -> str:
     rows = [
         ("model", model),
         ("architecture", f"{info['architecture']}, {info['parameters'] / 1e6:.2f} M parameters, {info['dtype']} on {info['device']}"),
-        ("attention", f"{info['layers'] - len(info['mamba_layers'])} of {info['layers']} layers, {info['heads']} heads, "
+        ("attention", f"{len(info['attention_layers'])} of {info['layers']} layers, {info['heads']} heads, "
                       f"{info['kv_heads']} KV heads of dimension {info['head_dim']}"),
         ("context", f"{info['max_model_len']} tokens"),
         ("KV per token", f"{_size(plan['kv_bytes_per_token'])} in blocks of {plan['block_size']} tokens"),

@@ -101,4 +101,5 @@ def test_info_on_a_hybrid_shows_its_state_slots_and_why_prefix_caching_is_off(tm
     assert (kv["mamba_slots_total"], kv["mamba_slots_used"], kv["mamba_bytes_per_slot"]) == (state["num_blocks"], 0, slot)
     text = kvtier("info", "--model", str(path), "--kv-cache-memory", str(1 << 20)).stdout
     assert "prefix caching     off (a hybrid's Mamba2 state cannot be cut back to a cached prefix)" in text
+    assert "attention          1 of 6 layers, 4 heads, 2 KV heads of dimension 16" in text, "NemotronH's MLP blocks do not attend"
     assert f"slots now          {state['num_blocks']} free, 0 used" in text
