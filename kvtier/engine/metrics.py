@@ -39,6 +39,7 @@ def engine_metrics(engine: LLMEngine, with_waste: bool = True) -> dict[str, floa
     total = sum(m.pool.num_blocks for m in tokens)
     used = sum(_used(m.pool) for m in tokens)
     cached = sum(m.pool.num_cached_unused for m in tokens)
+    held = sum(_used(m.pool) * g.bytes_per_block for m, g in groups)
     out = {
         "num_requests_running": len(sched.running),
         "num_requests_waiting": len(sched.waiting),
@@ -50,7 +51,8 @@ def engine_metrics(engine: LLMEngine, with_waste: bool = True) -> dict[str, floa
         "requests_aborted": engine.counters["requests_aborted"],
         "prefix_cache_queries": kv.prefix_queries,
         "prefix_cache_hits": kv.prefix_hits,
-        "kv_cache_usage_perc": sum(_used(m.pool) * g.bytes_per_block for m, g in groups) / max(1, sum(g.num_blocks * g.bytes_per_block for g in plan.groups)),
+        "kv_cache_usage_perc": held / max(1, sum(g.num_blocks * g.bytes_per_block for g in plan.groups)),
+        "cache_bytes_used": held,  # K/V blocks and state slots in use, every group, on the device
         "kv_blocks_total": total,
         "kv_blocks_used": used,
         "kv_blocks_free": sum(m.pool.num_free for m in tokens) - cached,

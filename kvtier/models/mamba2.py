@@ -66,9 +66,7 @@ class Mamba2Mixer(nn.Module):
             slots = meta.decode_slots
             out, conv_state[slots] = self._conv(xbc[:n, None], conv_state[slots])
             xs, B, C = self._split(out[:, 0])
-            step, new = state_step(ssm_state[slots], xs, dt[:n], A, B, C, self.D)
-            ssm_state[slots] = new.to(ssm_state.dtype)
-            y[:n] = step.reshape(n, -1)
+            y[:n] = state_step(ssm_state, slots, xs, dt[:n], A, B, C, self.D).reshape(n, -1)
         for span in meta.prefills:
             rows = slice(span.start, span.start + span.length)
             out, conv_state[span.slot] = self._conv(xbc[None, rows], conv_state[span.slot, None])

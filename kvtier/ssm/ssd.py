@@ -36,15 +36,29 @@ def _per_head(t: torch.Tensor, heads: int) -> torch.Tensor:
 
 def chunk_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor,
                chunk_size: int, initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """y [b, L, H, P] and the state after the last token [b, H, P, N], both float32."""
+    """y [b, L, H, P] and the state after the last token [b, H, P, N], both float32.
+
+    Whole chunks of ``chunk_size`` tokens, then one partial chunk of the rest, scanned on from the whole chunks'
+    state rather than padded: padding a short prefill to a whole chunk would multiply its quadratic part by
+    (chunk_size / L)^2."""
+    length = x.shape[1]
+    whole = length // chunk_size * chunk_size
+    if 0 < whole < length:
+        head, state = _scan(x[:, :whole], dt[:, :whole], A, B[:, :whole], C[:, :whole], D, chunk_size, initial_state)
+        tail, state = _scan(x[:, whole:], dt[:, whole:], A, B[:, whole:], C[:, whole:], D, length - whole, state)
+        return torch.cat([head, tail], dim=1), state
+    return _scan(x, dt, A, B, C, D, min(chunk_size, length), initial_state)
+
+
+def _scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor,
+          chunk_size: int, initial_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`chunk_scan` over a length that is a multiple of ``chunk_size``."""
     b, length, heads, head_dim = x.shape
     x, dt, A = x.float(), dt.float(), A.float()
     B, C = _per_head(B.float(), heads), _per_head(C.float(), heads)
-    pad = -length % chunk_size
     skip = D.float()[:, None] * x
 
-    def chunks(t: torch.Tensor) -> torch.Tensor:  # [b, L, ...] -> [b, c, l, ...], zero-padded: dt = 0 leaves the state as it is
-        t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
+    def chunks(t: torch.Tensor) -> torch.Tensor:  # [b, L, ...] -> [b, c, l, ...]
         return t.reshape(b, -1, chunk_size, *t.shape[2:])
 
     xdt = chunks(x * dt[..., None])  # [b, c, l, H, P]
@@ -65,20 +79,40 @@ def chunk_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tens
     entering, final = states[:, :-1], states[:, -1]
 
     y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", C, entering, torch.exp(cum))
-    y = y.reshape(b, -1, heads, head_dim)[:, :length]
-    return y + skip, final
+    return y.reshape(b, length, heads, head_dim) + skip, final
 
 
-def state_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-               D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row: x [b, H, P], dt [b, H], B, C [b, G, N], state [b, H, P, N] -> (y [b, H, P], new state), float32."""
-    heads = x.shape[1]
+# State bytes one pass of state_step gathers: small enough that its four operations run in cache
+_STEP_BYTES = 1 << 21
+
+
+def state_step(states: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+               C: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """One token for each of b sequences: x [b, H, P], dt [b, H], B, C [b, G, N]; the sequences' states are rows
+    ``slots`` [b] of ``states`` [S, H, P, N], updated in place (computed in float32). Returns y [b, H, P], float32.
+
+    Goes through the slots a few at a time (about 2 MiB of state a pass), so each pass gathers, updates, reads and
+    scatters its states while they are in cache; one pass over a whole batch of large states (64 sequences of
+    Bamba's 512 KiB) spends its time in page faults and memory traffic. y = h . C is computed as C^T h^T, the
+    faster of the two ``bmm`` shapes on CPU."""
+    b, heads, head_dim = x.shape
+    size = states.shape[-1]
     x, dt = x.float(), dt.float()
-    B, C = _per_head(B.float(), heads), _per_head(C.float(), heads)
-    decay = torch.exp(dt * A.float())[..., None, None]
-    new = state.float() * decay + (dt[..., None] * x)[..., None] * B[:, :, None, :]
-    y = torch.einsum("bhpn,bhn->bhp", new, C) + D.float()[:, None] * x
-    return y, new
+    decay = torch.exp(dt * A.float())[..., None, None]  # [b, H, 1, 1]
+    xdt = (dt[..., None] * x).reshape(b, heads * head_dim, 1)
+    B = _per_head(B.float(), heads).reshape(b, heads, 1, size)
+    C = _per_head(C.float(), heads).reshape(b, heads, 1, size)
+    y = torch.empty(b, heads, 1, head_dim, device=x.device)
+    per_pass = max(1, _STEP_BYTES // (states[0].numel() * 4))
+    for i in range(0, b, per_pass):
+        rows, index = slice(i, i + per_pass), slots[i : i + per_pass]
+        h = states.index_select(0, index).float()
+        h.mul_(decay[rows])
+        flat = h.view(-1, head_dim, size)
+        flat.baddbmm_(xdt[rows].view(-1, head_dim, 1), B[rows].view(-1, 1, size))
+        torch.bmm(C[rows].view(-1, 1, size), flat.transpose(1, 2), out=y[rows].view(-1, 1, head_dim))
+        states.index_copy_(0, index, h.to(states.dtype))
+    return y[:, :, 0] + D.float()[:, None] * x
 
 
 def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

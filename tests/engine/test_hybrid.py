@@ -64,6 +64,18 @@ def test_parallel_samples_fork_the_state(hybrid_dir):
     assert llm.get_metrics()["kv_blocks_used"] == 0
 
 
+def test_cache_bytes_used_counts_blocks_and_slots(hybrid_dir):
+    """After a 21-token prefill: two 16-token K/V blocks and one state slot, by the plan's bytes per block and per slot."""
+    llm = LLM(str(hybrid_dir), kv_cache_memory=1 << 22)
+    llm.engine.add_request({"prompt_token_ids": prompts_of([21], 512, seed=6)[0]}, SamplingParams(max_tokens=4), "r")
+    llm.engine.step()
+    size = {g.group.spec.label: g.bytes_per_block for g in llm.engine.memory_plan.groups}
+    assert llm.get_metrics()["cache_bytes_used"] == 2 * size["full attention"] + size["mamba2 state"]
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+    assert llm.get_metrics()["cache_bytes_used"] == 0
+
+
 def test_beam_search_matches_hf(hybrid_dir):
     llm = LLM(str(hybrid_dir), kv_cache_memory=1 << 22)
     prompt, width, steps = prompts_of([11], 512, seed=5)[0], 4, 6

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kvtier.ssm import ssd
 from kvtier.ssm.ssd import causal_conv, chunk_scan, segment_sums, state_step
 
 H, P, G, N = 4, 8, 2, 16
@@ -45,9 +46,29 @@ def test_chunk_scan_equals_the_recurrence_for_full_and_partial_chunks(length, ch
 
 def test_the_one_step_recurrence_equals_the_reference():
     x, dt, A, B, C, D, h0 = _inputs(1, seed=3)
-    y, h = state_step(h0, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D)
     y_ref, h_ref = _recurrence(x, dt, A, B, C, D, h0)
+    h = h0.clone()
+    y = state_step(h, torch.arange(h.shape[0]), x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D)
     assert torch.allclose(y.double(), y_ref[:, 0], atol=1e-5) and torch.allclose(h.double(), h_ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_step_updates_only_its_slots_of_a_pool_pass_by_pass(monkeypatch, dtype):
+    """Five sequences in scattered slots of an eight-slot pool, two slots a pass: each slot holds its sequence's
+    next state (to within one unit in the last place of the pool's dtype), the other slots are untouched."""
+    monkeypatch.setattr(ssd, "_STEP_BYTES", 2 * H * P * N * 4)
+    x, dt, A, B, C, D, h0 = _inputs(1, seed=5, batch=5)
+    y_ref, h_ref = _recurrence(x, dt, A, B, C, D, h0.to(dtype).float())
+    pool = torch.randn(8, H, P, N).to(dtype)
+    slots = torch.tensor([6, 1, 3, 7, 0])
+    pool[slots] = h0.to(dtype)
+    before = pool.clone()
+    y = state_step(pool, slots, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D)
+    assert torch.allclose(y.double(), y_ref[:, 0], atol=1e-5)
+    ulp = torch.finfo(dtype).eps  # one unit in the last place of the pool's dtype, relative
+    assert torch.allclose(pool[slots].double(), h_ref, rtol=ulp, atol=1e-5)
+    untouched = torch.tensor([2, 4, 5])
+    assert torch.equal(pool[untouched], before[untouched])
 
 
 @pytest.mark.parametrize("stop", [5, 16, 17, 31])
@@ -58,7 +79,7 @@ def test_a_scan_stopped_anywhere_and_resumed_from_its_state_equals_one_scan(stop
     tail, h_end = chunk_scan(x[:, stop:], dt[:, stop:], A, B[:, stop:], C[:, stop:], D, 16, h)
     assert torch.allclose(torch.cat([head, tail], dim=1), whole, atol=1e-5)
     assert torch.allclose(h_end, h_whole, atol=1e-5)
-    step, _ = state_step(h, x[:, stop], dt[:, stop], A, B[:, stop], C[:, stop], D)
+    step = state_step(h, torch.arange(h.shape[0]), x[:, stop], dt[:, stop], A, B[:, stop], C[:, stop], D)
     assert torch.allclose(step, whole[:, stop], atol=1e-5), "a decode step continues a prefill's state"
 
 
