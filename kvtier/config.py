@@ -10,6 +10,7 @@ import torch
 from kvtier.attention.registry import get_backend
 from kvtier.cache.prefix_cache import HASH_ALGOS
 from kvtier.errors import InvalidArgumentError
+from kvtier.kv_methods.registry import build_method, parse_config
 from kvtier.models.embedded import DEFAULT_MODEL, resolve_model
 
 GiB = 1 << 30
@@ -46,6 +47,8 @@ class EngineArgs:
     mamba_cache_dtype: str = "auto"  # vLLM's flag: a hybrid's conv and SSM states ("auto": the model's dtype)
     mamba_ssm_cache_dtype: str = "auto"  # vLLM's flag: the SSM state alone ("auto": as mamba_cache_dtype)
     mamba_full_memory_ratio: float | None = None  # SGLang's flag: state bytes over K/V bytes; None: one slot per longest sequence
+    kv_method: str = "none"  # a KV-cache method (kvtier.kv_methods.registry): "none" keeps the full cache
+    kv_method_config: dict | str | None = None  # the method's config, a dict or a JSON object string: {"budget": 0.25, ...}
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -82,6 +85,8 @@ class EngineArgs:
             raise InvalidArgumentError("preemption_mode", f"must be 'recompute' or 'swap', got {self.preemption_mode!r}")
         _require_int("max_logprobs", self.max_logprobs, 0)
         get_backend(self.attention_backend)  # an unknown name fails here, listing the known ones
+        self.kv_method_config = parse_config(self.kv_method_config)
+        build_method(self.kv_method, self.kv_method_config)  # an unknown method or a bad config fails here, naming the field
 
     @classmethod
     def field_names(cls) -> set[str]:

@@ -15,16 +15,22 @@ import torch
 @dataclass(frozen=True)
 class ScheduledTokens:
     """One sequence's new tokens of a step, as plain data: their ids, the position of the first, and per layer group the
-    block table of its K/V (-1 where a block fell out of a window and is read by no query)."""
+    block table of its K/V (-1 where a block fell out of a window and is read by no query). ``slot_start`` is the cache
+    slot of the first: its position, less the tokens a KV method evicted (positions drive RoPE, slots the cache)."""
 
     seq_id: int
     token_ids: list[int]
     start: int
     block_ids: tuple[list[int], ...]
+    num_evicted: int = 0
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def slot_start(self) -> int:
+        return self.start - self.num_evicted
 
 
 @dataclass
@@ -35,7 +41,7 @@ class PrefillSpan:
     query_len: int
     context_len: int  # cached + new tokens up to the chunk's end
     slots: torch.Tensor | None  # [context_len - key_start] cache slots to gather; None when the keys are the chunk itself
-    positions: torch.Tensor  # [query_len] absolute positions of the chunk's tokens
+    positions: torch.Tensor  # [query_len] cache slots of the chunk's tokens (their positions, unless a KV method evicted tokens)
     key_start: int = 0  # position of the first gathered key (a window's first block)
 
 
@@ -46,7 +52,7 @@ class DecodeGroup:
     start: int  # offset of the group's first token in the flattened batch
     block_ids: torch.Tensor  # [size * max_blocks] flattened block tables (from each key_start), padded with block 0
     context_lens: torch.Tensor  # [size]
-    positions: torch.Tensor  # [size]
+    positions: torch.Tensor  # [size] each query's cache slot (its position, unless a KV method evicted tokens)
     block_size: int
     window: int | None = None
     key_starts: torch.Tensor | None = None  # [size] position of each row's first gathered key; None: all 0

@@ -104,14 +104,14 @@ def _first_block(start: int, window: int | None, block_size: int) -> int:
 
 def _decode_groups(decodes: list[ScheduledTokens], group: int, window: int | None, block_size: int, device: torch.device) -> list[DecodeGroup]:
     """Decodes (sorted by length) split into groups of similar block count, each row's table cut to the blocks it reads."""
-    firsts = [_first_block(s.start, window, block_size) for s in decodes]
-    tables = [s.block_ids[group][first : s.start // block_size + 1] for s, first in zip(decodes, firsts)]
+    firsts = [_first_block(s.slot_start, window, block_size) for s in decodes]
+    tables = [s.block_ids[group][first : s.slot_start // block_size + 1] for s, first in zip(decodes, firsts)]
     groups, start = [], 0
     for size in group_by_length([len(t) for t in tables]):
         rows = range(start, start + size)
         width = max(len(tables[i]) for i in rows)
         flat = torch.tensor([b for i in rows for b in tables[i] + [0] * (width - len(tables[i]))], dtype=torch.long, device=device)
-        pos = torch.tensor([decodes[i].start for i in rows], dtype=torch.long, device=device)
+        pos = torch.tensor([decodes[i].slot_start for i in rows], dtype=torch.long, device=device)
         key_starts = None if window is None else torch.tensor([firsts[i] * block_size for i in rows], dtype=torch.long, device=device)
         groups.append(DecodeGroup(start, flat, pos + 1, pos, block_size, window, key_starts))
         start += size
@@ -125,7 +125,7 @@ class PagedAttentionBackend(AttentionBackend):
 
     def plan(self, seqs: list[ScheduledTokens], block_size: int, windows: dict[int, int | None],
              device: torch.device) -> tuple[list[ScheduledTokens], list[AttentionMetadata]]:
-        decodes = sorted((s for s in seqs if s.num_tokens == 1), key=lambda s: s.start)
+        decodes = sorted((s for s in seqs if s.num_tokens == 1), key=lambda s: s.slot_start)
         prefills = [s for s in seqs if s.num_tokens > 1]
         metas = [self._metadata(decodes, prefills, g, window, block_size, device) for g, window in windows.items()]
         return decodes + prefills, metas
@@ -133,18 +133,18 @@ class PagedAttentionBackend(AttentionBackend):
     @staticmethod
     def _metadata(decodes: list[ScheduledTokens], prefills: list[ScheduledTokens], group: int, window: int | None, block_size: int,
                   device: torch.device) -> AttentionMetadata:
-        parts = [_slots(s.block_ids[group], s.start, s.num_tokens, block_size) for s in prefills]
+        parts = [_slots(s.block_ids[group], s.slot_start, s.num_tokens, block_size) for s in prefills]
         if decodes:  # one vectorised op for all decodes, however many
-            pos = torch.tensor([s.start for s in decodes], dtype=torch.long)
-            last = torch.tensor([s.block_ids[group][s.start // block_size] for s in decodes], dtype=torch.long)
+            pos = torch.tensor([s.slot_start for s in decodes], dtype=torch.long)
+            last = torch.tensor([s.block_ids[group][s.slot_start // block_size] for s in decodes], dtype=torch.long)
             parts.insert(0, last * block_size + pos % block_size)
         slots = torch.cat(parts).to(device)
         spans, offset = [], len(decodes)
         for s in prefills:
-            ctx = s.start + s.num_tokens
-            key_start = _first_block(s.start, window, block_size) * block_size if s.start else 0
-            gather = None if s.start == 0 else _slots(s.block_ids[group], key_start, ctx - key_start, block_size).to(device)
-            spans.append(PrefillSpan(offset, s.num_tokens, ctx, gather, torch.arange(s.start, ctx, device=device), key_start))
+            ctx = s.slot_start + s.num_tokens
+            key_start = _first_block(s.slot_start, window, block_size) * block_size if s.slot_start else 0
+            gather = None if s.slot_start == 0 else _slots(s.block_ids[group], key_start, ctx - key_start, block_size).to(device)
+            spans.append(PrefillSpan(offset, s.num_tokens, ctx, gather, torch.arange(s.slot_start, ctx, device=device), key_start))
             offset += s.num_tokens
         return AttentionMetadata(slots, len(decodes), _decode_groups(decodes, group, window, block_size, device), spans, window)
 

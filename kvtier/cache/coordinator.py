@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
 from kvtier.cache.block_pool import KVBlock
 from kvtier.cache.checkpoint import StateCheckpoint
 from kvtier.cache.full_attention import FullAttentionManager
@@ -43,6 +45,7 @@ class KVCacheCoordinator:
         self.prefix_caching = enable_prefix_caching
         self.managers = [MANAGERS[type(g.group.spec)](g.group.spec, g.num_blocks, g.num_host_blocks, enable_prefix_caching, prefix_caching_hash_algo)
                          for g in plan.groups]
+        self.group_layers = [g.group.layers for g in plan.groups]  # each group's model layers, in its storage order
         self.prefix_queries = 0  # prompt tokens looked up
         self.prefix_hits = 0  # prompt tokens found
 
@@ -104,6 +107,16 @@ class KVCacheCoordinator:
     def fork(self, parent_id: int, child_id: int) -> None:
         for m in self.managers:
             m.fork(parent_id, child_id)
+
+    # ---- compaction (KV methods) -------------------------------------------------------------
+    def compact(self, seq_id: int, keep: torch.Tensor) -> bool:
+        """Keep only positions ``keep`` [model layers, kv_heads, n] of the sequence's cache, in every group at once; False
+        (nothing changed) when some group's pool lacks the blocks for the kept tokens now."""
+        if not all(m.can_compact(seq_id, keep.shape[-1]) for m in self.managers):
+            return False
+        for m, layers in zip(self.managers, self.group_layers):
+            m.compact(seq_id, keep[list(layers)])
+        return True
 
     # ---- state checkpoints ---------------------------------------------------------------
     def checkpoint(self, seq_id: int, token_ids: Sequence[int]) -> StateCheckpoint:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from kvtier.cache.block_pool import BlockPool, KVBlock
-from kvtier.cache.ops import CacheOps, MoveKind
+from kvtier.cache.ops import CacheOps, Compaction, MoveKind
 from kvtier.cache.prefix_cache import BlockHashPrefixCache, PrefixCache
 from kvtier.cache.specs import KVCacheSpec
 
@@ -141,6 +143,31 @@ class FullAttentionManager:
         for block in reversed(table):
             if block is not None:
                 self.pool.release(block)
+
+    # ---- compaction (KV methods) -----------------------------------------------------------
+    def can_compact(self, seq_id: int, num_kept: int) -> bool:
+        """Whether the kept tokens' blocks can be had once the sequence gives up its table (what only it holds comes back)."""
+        own = sum(1 for b in self.tables[seq_id] if b is not None and b.ref_count == 1)
+        return self.spec.blocks_for(num_kept) <= self.pool.num_free + own
+
+    def compact(self, seq_id: int, keep: torch.Tensor) -> None:
+        """Keep only the tokens at positions ``keep`` [layers of the group, kv_heads, n] (ascending, the same count
+        everywhere): the old table is given back, then the kept tokens move, in order, into newly allocated blocks.
+        A block another sequence or the prefix cache holds is never written (it is not given back to the pool); one
+        only this sequence held may be reallocated as a destination, which is safe because a compaction reads all
+        its sources before it writes. The caller has checked ``can_compact``."""
+        bs = self.block_size
+        old = self.tables[seq_id]
+        ids = torch.tensor([-1 if b is None else b.block_id for b in old], dtype=torch.long)
+        src = ids[keep // bs] * bs + keep % bs
+        self.unhold(old)
+        table = [self.pool.allocate() for _ in range(self.spec.blocks_for(keep.shape[-1]))]
+        slots = torch.arange(keep.shape[-1])
+        new_ids = torch.tensor([b.block_id for b in table], dtype=torch.long)
+        self.ops.compact(Compaction(src, new_ids[slots // bs] * bs + slots % bs))
+        self.tables[seq_id] = table
+        if self.prefix_cache is not None:
+            self.prefix_cache.drop_sequence(seq_id)
 
     def cache_computed(self, seq_id: int, token_ids: Sequence[int], num_computed: int) -> None:
         if self.prefix_cache is not None and seq_id in self.tables:

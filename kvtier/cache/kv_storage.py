@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from kvtier.cache.memory_plan import GroupPlan, MemoryPlan
-from kvtier.cache.ops import CacheOps, MoveKind
+from kvtier.cache.ops import CacheOps, Compaction, MoveKind
 from kvtier.cache.specs import FullAttentionSpec, KVCacheSpec, MambaSpec, SlidingWindowSpec
 
 
@@ -29,6 +29,10 @@ class GroupStorage(ABC):
     @abstractmethod
     def tensors(self) -> list[torch.Tensor]:
         """The group's device tensors, then its host tensors."""
+
+    def compact(self, compaction: Compaction) -> None:
+        """Gather a KV method's kept tokens into their new slots; only token-holding groups have tokens to keep."""
+        raise TypeError(f"{type(self).__name__} holds no tokens to compact")
 
 
 class AttentionStorage(GroupStorage):
@@ -58,6 +62,12 @@ class AttentionStorage(GroupStorage):
         s = self._slots([p[0] for p in pairs], src.device)
         d = self._slots([p[1] for p in pairs], dst.device)
         dst[:, :, :, d] = src[:, :, :, s].to(dst.device)
+
+    def compact(self, compaction: Compaction) -> None:
+        src, dst = compaction.src.to(self.device.device), compaction.dst.to(self.device.device)
+        heads = torch.arange(src.shape[1], device=src.device)[:, None]
+        for layer, kv in enumerate(self.device):  # kv [2, kv_heads, slots, head_dim]
+            kv[:, :, dst] = kv[:, heads, src[layer]]  # the gather copies every kept row before the write
 
 
 class StateStorage(GroupStorage):
@@ -121,7 +131,10 @@ class KVStorage:
         return [t for g in self.groups for t in g.tensors()]
 
     def apply(self, ops: Sequence[CacheOps]) -> None:
-        """Do each group's moves in the order they were decided, one batch per run (see ``CacheOps.runs``)."""
+        """Do each group's moves and compactions in the order they were decided, one batch per run (see ``CacheOps.runs``)."""
         for storage, group_ops in zip(self.groups, ops):
-            for kind, pairs in group_ops.runs():
-                storage.move(kind, pairs)
+            for run in group_ops.runs():
+                if isinstance(run, Compaction):
+                    storage.compact(run)
+                else:
+                    storage.move(*run)

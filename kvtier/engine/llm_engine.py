@@ -18,12 +18,15 @@ from kvtier.cache.specs import kv_cache_groups
 from kvtier.config import EngineArgs, GiB
 from kvtier.engine.branching import Branching
 from kvtier.engine.checkpoints import Checkpoints, check_checkpoint_args
+from kvtier.engine.compression import Compression
 from kvtier.engine.input_processor import EngineInput, InputProcessor, PromptInput
 from kvtier.engine.model_runner import ModelRunner
 from kvtier.engine.output_processor import OutputProcessor
 from kvtier.engine.scheduler import Scheduler, StepPlan
 from kvtier.engine.sequence import Request, RequestStatus, Sequence
 from kvtier.errors import InvalidArgumentError, OutOfKVCacheError
+from kvtier.kv_methods.base import KVMethod
+from kvtier.kv_methods.registry import build_method
 from kvtier.models.config import ModelConfig, parse_dtype
 from kvtier.models.loader import load_model, resolve_model_path
 from kvtier.models.registry import model_class
@@ -68,6 +71,7 @@ class LLMEngine:
         self.output = OutputProcessor(self.tokenizer, self.max_model_len)
         self.branching = Branching(self.kv, self.tokenizer, self.output.start, self._generator, self.max_model_len)
         self.checkpoints = Checkpoints(self.kv)
+        self.compression = Compression(self._kv_method(), self.kv, cfg.num_hidden_layers, cfg.num_key_value_heads)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0, "requests_aborted": 0}
@@ -89,6 +93,16 @@ class LLMEngine:
                                        "keep one recurrent state per sequence, which cannot be cut back to a cached prefix; leave it unset")
         logger.info("prefix caching is off: %s is a hybrid (attention + Mamba2) model", self.model_config.architecture)
         return False
+
+    def _kv_method(self) -> KVMethod | None:
+        """The engine's KV method; for now it needs every layer to be full attention (a window's or a Mamba2 layer's
+        cache is not the sequence's tokens slot by slot)."""
+        method = build_method(self.args.kv_method, self.args.kv_method_config)
+        cfg = self.model_config
+        if method is not None and (cfg.mamba_layers or cfg.mlp_layers or any(w is not None for w in cfg.sliding_windows)):
+            raise InvalidArgumentError("kv_method", f"{method.name} needs a model whose layers are all full attention; {cfg.architecture} "
+                                       "has sliding-window, Mamba2 or MLP-only layers")
+        return method
 
     def _check_plan(self) -> None:
         for g in self.memory_plan.groups:
@@ -116,7 +130,10 @@ class LLMEngine:
         if params.seed is not None:
             seq.generator = self._generator(params.seed, 0)
         req.seqs.append(seq)
+        if self.compression.method is not None and (positions or start_from is not None):
+            raise InvalidArgumentError("checkpoint_at" if positions else "start_from", "state checkpoints cannot be combined with a kv_method yet")
         self.checkpoints.attach(req, seq, positions, start_from)
+        self.compression.attach(seq)
         self.output.start(req, seq)
         self.requests[request_id] = req
         self.scheduler.add(req)
@@ -149,6 +166,7 @@ class LLMEngine:
     # ---- the loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one iteration; return outputs of requests that finished (and of streamed ones that moved)."""
+        self.compression.retry()
         plan = self.scheduler.schedule()
         logits = self.runner.execute(plan.output)
         if plan.empty:
@@ -160,8 +178,10 @@ class LLMEngine:
             c.seq.num_computed_tokens += c.num_tokens
             if c.seq.seq_id in logits.prompt:
                 self._add_prompt_logprobs(c.request, c.start, logits.prompt[c.seq.seq_id])
-            self.kv.cache_computed(c.seq.seq_id, c.seq.token_ids, c.seq.num_computed_tokens)
+            if not c.seq.num_evicted:  # a compressed cache is no prefix of anything: never offered to others
+                self.kv.cache_computed(c.seq.seq_id, c.seq.token_ids, c.seq.num_computed_tokens)
             self.checkpoints.after_chunk(c.request, c.seq)
+            self.compression.after_chunk(c.seq)
         if plan.to_sample:
             self._sample(plan.to_sample, logits.last)
         return self._finish_and_emit(plan)

@@ -19,7 +19,7 @@ def kv_waste_slots(engine: LLMEngine) -> int:
         filled: dict[int, int] = {}
         for req in engine.requests.values():
             for s in req.live_seqs:
-                n = len(s.token_ids)
+                n = len(s.token_ids) - s.num_evicted
                 for i, block in enumerate(m.tables.get(s.seq_id, ())):
                     used = max(0, min(bs, n - i * bs))
                     if block is not None and used > filled.get(block.block_id, -1):

@@ -24,7 +24,8 @@ from kvtier.ssm.metadata import plan_states
 class StepLogits:
     last: dict[int, torch.Tensor]  # seq_id -> [V] logits after the chunk's last token (sampled seqs only)
     prompt: dict[int, torch.Tensor]  # seq_id -> [num_tokens, V] logits at every chunk position (prompt_logprobs)
-    # seq_id -> [layers, heads, context] the decode query's attention probabilities by key position (0 where it sees none);
+    # seq_id -> [layers, heads, context] the decode query's attention probabilities by cache slot (the key's position unless a KV
+    # method evicted tokens; 0 where it sees none);
     # only when asked for (``execute(..., decode_probs=True)``)
     decode_probs: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -79,8 +80,8 @@ class ModelRunner:
                     seq = ordered[dg.start + i]
                     dense = out.get(seq.seq_id)
                     if dense is None:
-                        dense = out[seq.seq_id] = probs.new_zeros(len(self.layer_groups), probs.shape[1], seq.start + 1)
-                    seen = positions[i] <= seq.start
+                        dense = out[seq.seq_id] = probs.new_zeros(len(self.layer_groups), probs.shape[1], seq.slot_start + 1)
+                    seen = positions[i] <= seq.slot_start
                     dense[layer][:, positions[i][seen]] = probs[i][:, seen]
         return out
 

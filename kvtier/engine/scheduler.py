@@ -97,8 +97,8 @@ class Scheduler:
 
     def _output(self, plan: StepPlan) -> SchedulerOutput:
         """The plan as the runner's plain data, with the block moves the cache decided for it."""
-        seqs = tuple(ScheduledTokens(c.seq.seq_id, c.seq.token_ids[c.start : c.start + c.num_tokens], c.start, self.kv.block_ids(c.seq.seq_id))
-                     for c in plan.chunks)
+        seqs = tuple(ScheduledTokens(c.seq.seq_id, c.seq.token_ids[c.start : c.start + c.num_tokens], c.start, self.kv.block_ids(c.seq.seq_id),
+                                     c.seq.num_evicted) for c in plan.chunks)
         sample_ids = frozenset(s.seq_id for r in plan.to_sample for s in r.live_seqs)
         want_prompt = frozenset(c.seq.seq_id for c in plan.chunks if c.request.wants_prompt_logits(c.seq, c.start))
         return SchedulerOutput(seqs, sample_ids, want_prompt, self.kv.take_ops())
@@ -121,7 +121,7 @@ class Scheduler:
         return plan or None
 
     def _allocate(self, req: Request, plan: list[tuple[Sequence, int]]) -> bool:
-        return all(self.kv.allocate(s.seq_id, s.num_computed_tokens, s.num_computed_tokens + n) for s, n in plan)
+        return all(self.kv.allocate(s.seq_id, s.num_cached_slots, s.num_cached_slots + n) for s, n in plan)
 
     def _emit(self, req: Request, plan: list[tuple[Sequence, int]], out: StepPlan) -> int:
         used = 0
@@ -143,7 +143,7 @@ class Scheduler:
             return
         for s in req.live_seqs:
             self.kv.free(s.seq_id)
-            s.num_computed_tokens = 0
+            s.num_computed_tokens = s.num_evicted = 0  # recomputed in full, then compressed again where it was
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)
 

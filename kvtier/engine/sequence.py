@@ -37,11 +37,19 @@ class Sequence:
     text: str = ""
     detokenizer: object | None = None  # IncrementalDetokenizer while text is needed token by token
     checkpoint_at: list[int] = field(default_factory=list)  # positions (tokens computed) whose cache state to keep, ascending
+    compress_at: int | None = None  # where a KV method evicts (the prompt's end); a chunk stops there, recomputed or not
+    num_evicted: int = 0  # tokens a KV method dropped from the cache: token at position p >= the prompt's end is in slot p - num_evicted
 
     def until_checkpoint(self, n: int) -> int:
-        """``n`` new tokens, or fewer so that a chunk stops at the next checkpoint position."""
-        ahead = [p for p in self.checkpoint_at if p > self.num_computed_tokens]
-        return min(n, ahead[0] - self.num_computed_tokens) if ahead else n
+        """``n`` new tokens, or fewer so that a chunk stops at the next checkpoint or compression position."""
+        stops = [*self.checkpoint_at, *(() if self.compress_at is None else (self.compress_at,))]
+        ahead = [p for p in stops if p > self.num_computed_tokens]
+        return min(n, min(ahead) - self.num_computed_tokens) if ahead else n
+
+    @property
+    def num_cached_slots(self) -> int:
+        """Cache slots the computed tokens take: fewer than the tokens once a KV method evicted some."""
+        return self.num_computed_tokens - self.num_evicted
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -61,6 +69,8 @@ class Sequence:
             prompt_len=self.prompt_len,
             index=index,
             num_computed_tokens=self.num_computed_tokens,
+            compress_at=self.compress_at,
+            num_evicted=self.num_evicted,
             cumulative_logprob=self.cumulative_logprob,
             logprobs=None if self.logprobs is None else list(self.logprobs),
             text=self.text,

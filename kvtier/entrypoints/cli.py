@@ -15,7 +15,7 @@ from kvtier.errors import InvalidArgumentError, KvtierError
 from kvtier.training.train_tiny import add_train_tiny_args, run_train_tiny
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical", "trace")  # vLLM's --uvicorn-log-level choices
-_FLAG_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str, "float | None": float}
+_FLAG_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str, "float | None": float, "dict | str | None": str}
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -110,6 +110,7 @@ def cmd_info(ns: argparse.Namespace) -> int:
         "attention_layers": list(cfg.attention_layers),
         "mamba_layers": list(cfg.mamba_layers),
         "prefix_caching": engine.kv.prefix_caching,
+        "kv_method": engine.compression.describe(),
         "memory_plan": {
             "kv_budget_bytes": plan.budget_bytes,
             "kv_bytes_per_token": plan.bytes_per_token,
@@ -163,6 +164,8 @@ def info_summary(model: str, info: dict) -> str:
         rows.append(("slots now", f"{kv['mamba_slots_total'] - kv['mamba_slots_used']} free, {kv['mamba_slots_used']} used"))
     rows.append(("prefix caching", "on" if info["prefix_caching"] else
                  "off" + (" (a hybrid's Mamba2 state cannot be cut back to a cached prefix)" if info["mamba_layers"] else "")))
+    method = info["kv_method"]
+    rows.append(("KV method", method["name"] + "".join(f", {k} {v}" for k, v in method.items() if k != "name")))
     width = max(len(label) for label, _ in rows) + 3
     return "\n".join(f"{label:<{width}}{value}" for label, value in rows) + "\n(--json prints all of this as JSON)"
 

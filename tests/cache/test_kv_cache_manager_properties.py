@@ -1,11 +1,11 @@
 """Property tests of the KV cache managers behind the coordinator: random allocate / append / fork / free /
-prefix-hit / evict / checkpoint / resume sequences never leak or double-free a block, keep reference counts equal
+prefix-hit / evict / checkpoint / resume / compact (a KV method's eviction) sequences never leak or double-free a block, keep reference counts equal
 to the number of table and checkpoint references, and never let one sequence's writes change another sequence's
 (or a checkpoint's) tokens. The same rules run over a sliding-window group, which must also give back every block
 its window has left.
 
 The test keeps its own model of what every physical slot holds, applying the manager's
-copy-on-write orders exactly as the worker would, and checks each sequence reads back its tokens.
+copy-on-write and compaction orders exactly as the worker would, and checks each sequence reads back its tokens.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from kvtier.cache.checkpoint import StateCheckpoint
 from kvtier.cache.coordinator import KVCacheCoordinator
 from kvtier.cache.full_attention import FullAttentionManager
 from kvtier.cache.memory_plan import MemoryPlan
+from kvtier.cache.ops import Compaction
 from kvtier.cache.specs import FullAttentionSpec, KVCacheGroup, SlidingWindowSpec
 
 BLOCK = 4
@@ -46,11 +47,18 @@ class KVCacheMachine(RuleBasedStateMachine):
         self.slots: dict[tuple[int, int], int] = {}  # (block_id, offset) -> token held
         self.seqs: dict[int, list[int]] = {}  # seq_id -> tokens whose K/V are written
         self.checkpoints: list[StateCheckpoint] = []
+        self.compacted: set[int] = set()  # sequences whose cache a compaction cut: never offered as a prefix, as the engine does
         self.next_id = 0
 
     # ---- helpers mirroring the worker ----------------------------------------------------------
     def _apply_ops(self) -> None:
-        for kind, src, dst in self.kv.take_ops().moves:
+        for move in self.kv.take_ops().moves:
+            if isinstance(move, Compaction):  # one layer, one KV head: read every source, then write
+                held = [self.slots.get((int(s) // BLOCK, int(s) % BLOCK)) for s in move.src[0, 0]]
+                for d, tok in zip(move.dst.tolist(), held):
+                    self.slots[(d // BLOCK, d % BLOCK)] = tok
+                continue
+            kind, src, dst = move
             assert kind == "copy"  # this machine never swaps
             for off in range(BLOCK):
                 if (src, off) in self.slots:
@@ -75,7 +83,8 @@ class KVCacheMachine(RuleBasedStateMachine):
         for i, tok in enumerate(new_tokens, start):
             self.slots[(table[i // BLOCK], i % BLOCK)] = tok
         tokens.extend(new_tokens)
-        self.kv.cache_computed(sid, tokens, len(tokens))
+        if sid not in self.compacted:
+            self.kv.cache_computed(sid, tokens, len(tokens))
         return True
 
     # ---- rules ----------------------------------------------------------------------------------
@@ -121,6 +130,8 @@ class KVCacheMachine(RuleBasedStateMachine):
         self.next_id += 1
         self.coord.fork(parent, child)
         self.seqs[child] = list(self.seqs[parent])
+        if parent in self.compacted:
+            self.compacted.add(child)
 
     @precondition(lambda self: self.seqs)
     @rule(data=st.data())
@@ -128,11 +139,12 @@ class KVCacheMachine(RuleBasedStateMachine):
         sid = data.draw(st.sampled_from(sorted(self.seqs)))
         self.coord.free(sid)
         del self.seqs[sid]
+        self.compacted.discard(sid)
 
-    @precondition(lambda self: self.seqs)
+    @precondition(lambda self: set(self.seqs) - self.compacted)
     @rule(data=st.data())
     def checkpoint(self, data) -> None:
-        sid = data.draw(st.sampled_from(sorted(self.seqs)))
+        sid = data.draw(st.sampled_from(sorted(set(self.seqs) - self.compacted)))
         self.checkpoints.append(self.coord.checkpoint(sid, self.seqs[sid]))
 
     @precondition(lambda self: self.checkpoints)
@@ -160,6 +172,22 @@ class KVCacheMachine(RuleBasedStateMachine):
         ckpt = self.checkpoints.pop(data.draw(st.integers(0, len(self.checkpoints) - 1)))
         self.coord.release(ckpt)
         self.coord.release(ckpt)  # a second release does nothing
+
+    @precondition(lambda self: self.window is None and self.seqs)
+    @rule(data=st.data())
+    def compact(self, data) -> None:
+        """A KV method keeps some of a sequence's tokens: they move into fresh blocks, its old blocks go back (or stay with
+        their other holders, unchanged), and it writes on after the kept ones."""
+        sid = data.draw(st.sampled_from(sorted(self.seqs)))
+        tokens = self.seqs[sid]
+        keep = sorted(data.draw(st.sets(st.integers(0, len(tokens) - 1), min_size=1, max_size=len(tokens))))
+        before = self.kv.num_free_blocks
+        if not self.coord.compact(sid, torch.tensor(keep).view(1, 1, -1)):
+            assert self.kv.num_free_blocks == before, "a compaction that cannot be done changes nothing"
+            return
+        self._apply_ops()
+        self.seqs[sid] = [tokens[p] for p in keep]
+        self.compacted.add(sid)
 
     @rule()
     def evict_one(self) -> None:

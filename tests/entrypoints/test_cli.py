@@ -56,6 +56,19 @@ def test_bad_flag_value_is_a_clear_error(model_dir):
     assert r.returncode == 2 and "attention_backend: must be one of paged" in r.stderr
 
 
+def test_a_kv_method_is_chosen_by_flags_and_shown_by_info(model_dir):
+    r = kvtier("info", "--model", str(model_dir), "--kv-method", "streamingllm", "--kv-method-config", '{"budget": 0.25, "n_sink": 2}', "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["kv_method"] == {"name": "streamingllm", "budget": 0.25, "n_sink": 2}
+    r = kvtier("generate", "--model", str(model_dir), "--prompt", "def f(x): return x\n" * 8, "--max-tokens", "4", "--kv-method", "streamingllm",
+               "--kv-method-config", '{"budget": 16}', "--kv-cache-memory", str(1 << 22))
+    assert r.returncode == 0, r.stderr
+    r = kvtier("generate", "--model", str(model_dir), "--prompt", "x", "--kv-method", "streamingllm", "--kv-method-config", '{"budget": 2.5}')
+    assert r.returncode == 2 and "kv_method_config.budget" in r.stderr and "(0, 1]" in r.stderr
+    r = kvtier("generate", "--model", str(model_dir), "--prompt", "x", "--kv-method", "h3o")
+    assert r.returncode == 2 and "kv_method: must be one of none, streamingllm" in r.stderr
+
+
 def test_chat_reads_turns_from_stdin(model_dir):
     r = kvtier("chat", "--model", str(model_dir), "--max-tokens", "3", "--kv-cache-memory", str(1 << 22), stdin="hello\nhow are you\n")
     assert r.returncode == 0, r.stderr

@@ -153,3 +153,16 @@ def test_api_key_is_enforced(model_dir):
         assert openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0).models.list().data[0].id == "tiny"
     finally:
         assert stop(proc) == 0
+
+
+def test_a_kv_method_serves_with_the_same_api(tmp_path):
+    """``kvtier serve --kv-method``: a long prompt compressed by StreamingLLM still completes through the OpenAI client."""
+    model = str(build_random_checkpoint(tmp_path / "m", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        intermediate_size=128, vocab_size=2048, tokenizer_vocab_size=2048))
+    proc, url = start_server(model, "--kv-method", "streamingllm", "--kv-method-config", '{"budget": 0.25}')
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        out = client.completions.create(model="tiny", prompt=[7, 8, 9] * 60, max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+        assert out.usage.prompt_tokens == 180 and out.usage.completion_tokens == 5
+    finally:
+        assert stop(proc) == 0

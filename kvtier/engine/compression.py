@@ -1,0 +1,61 @@
+"""Where the engine lets a KV method act on a sequence's cache.
+
+A method that evicts does so once the prompt is in the cache: the prefill stops at the prompt's end (a recomputed
+sequence's too, so it is compressed again to the same kept set), the method chooses the kept positions, and the
+coordinator compacts them into fresh blocks. This runs after the chunk that completes the prompt and before the
+first sample forks the sequence, so ``n > 1`` samples and beams share the compressed blocks. When the pool cannot
+yet give the blocks the kept tokens need, the compaction waits for a later step, keeping every token decoded
+meanwhile as well.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from kvtier.cache.coordinator import KVCacheCoordinator
+from kvtier.engine.sequence import Sequence
+from kvtier.kv_methods.base import KVMethod
+
+
+class Compression:
+    def __init__(self, method: KVMethod | None, kv: KVCacheCoordinator, num_layers: int, num_kv_heads: int) -> None:
+        self.method = method
+        self.kv = kv
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.pending: dict[int, tuple[Sequence, torch.Tensor]] = {}  # seq_id -> (sequence, kept prompt positions)
+
+    def describe(self) -> dict:
+        """The method's name and config, as ``kvtier info`` shows them ("none": the full cache)."""
+        return {"name": "none"} if self.method is None else {"name": self.method.name, **dataclasses.asdict(self.method.config)}
+
+    def attach(self, seq: Sequence) -> None:
+        if self.method is not None:
+            seq.compress_at = seq.prompt_len
+
+    def after_chunk(self, seq: Sequence) -> None:
+        """Compress when the chunk just computed completed the prompt (first time, or recomputed after preemption)."""
+        if seq.compress_at is None or seq.num_computed_tokens != seq.compress_at or seq.num_evicted:
+            return
+        keep = self.method.after_prefill(seq.prompt_len, self.num_layers, self.num_kv_heads)
+        if keep is not None:
+            self.pending[seq.seq_id] = (seq, keep)
+            self._compact(seq.seq_id)
+
+    def retry(self) -> None:
+        """Compactions the pool could not take earlier, for sequences still in the device cache."""
+        for seq_id, (seq, _) in list(self.pending.items()):
+            if seq.finished or seq.num_evicted or seq.num_computed_tokens < seq.prompt_len:
+                del self.pending[seq_id]  # gone, or preempted by recompute (compressed again at the prompt's end)
+            elif self.kv.has(seq_id):
+                self._compact(seq_id)
+
+    def _compact(self, seq_id: int) -> None:
+        seq, keep = self.pending[seq_id]
+        later = torch.arange(seq.prompt_len, seq.num_computed_tokens)  # tokens computed since the prompt's end, all kept
+        keep = torch.cat([keep, later.expand(*keep.shape[:2], -1)], dim=-1)
+        if self.kv.compact(seq_id, keep):
+            seq.num_evicted = seq.num_computed_tokens - keep.shape[-1]
+            del self.pending[seq_id]
