@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from sliding_window import peak_decoding, random_prompts  # benchmarks/sliding_window.py
 
 from kvtier import LLM, SamplingParams
 from kvtier.errors import InvalidArgumentError
@@ -79,6 +80,20 @@ def test_eviction_frees_blocks_and_forks_share_the_compressed_ones(llama_dir):
     while llm.engine.has_unfinished_requests():
         llm.engine.step()
     assert llm.get_metrics()["kv_blocks_used"] == 0
+
+
+def test_a_quarter_budget_decodes_three_times_the_sequences_in_the_same_memory(tmp_path, tokenizer_files):
+    """The memory of four full-cache sequences of 2,048 + 32 tokens. Full cache: at most four decode at once.
+    StreamingLLM at 25%: each keeps 512 of its 2,048 prompt tokens once prefilled, so at least three times as many
+    decode at once, counted from the engine's running requests, and every block comes back."""
+    path = save_hf_checkpoint(tmp_path, tokenizer_files, "LlamaForCausalLM", max_position_embeddings=4096)
+    per_token = 2 * 2 * 2 * 16 * 4  # K+V, layers, KV heads, head_dim, fp32 (tests.hf_checkpoints.TINY)
+    kw = dict(kv_cache_memory=4 * (2048 + 32) * per_token, enable_prefix_caching=False, dtype="float32")
+    full = peak_decoding(LLM(str(path), **kw).engine, random_prompts(8, 2048, 512, seed=8), 32)
+    kept = peak_decoding(LLM(str(path), kv_method="streamingllm", kv_method_config={"budget": 0.25}, **kw).engine,
+                         random_prompts(24, 2048, 512, seed=8), 32)
+    assert full["peak_decoding"] <= 4 and full["blocks_left"] == kept["blocks_left"] == 0
+    assert kept["peak_decoding"] >= 3 * full["peak_decoding"], (kept, full)
 
 
 def test_recompute_after_preemption_compresses_again_to_the_same_outputs(llama_dir):
