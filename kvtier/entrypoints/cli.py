@@ -1,4 +1,4 @@
-"""``kvtier`` command line: generate, chat, info, make-checkpoint. Flags follow vLLM's names."""
+"""``kvtier`` command line: generate, chat, info, serve, eval, make-checkpoint, train-tiny. Flags follow vLLM's names."""
 
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ import inspect
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from kvtier.config import EngineArgs
 from kvtier.entrypoints.openai.metrics import METRIC_NAMES
 from kvtier.errors import InvalidArgumentError, KvtierError
+from kvtier.eval.haystacks import HAYSTACKS
+from kvtier.eval.retrieval import TASKS
 from kvtier.training.train_tiny import add_train_tiny_args, run_train_tiny
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical", "trace")  # vLLM's --uvicorn-log-level choices
@@ -200,6 +203,29 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from kvtier.eval.harness import markdown_table, run_eval
+
+    kw = engine_kwargs(ns)
+    method, config = kw.pop("kv_method"), kw.pop("kv_method_config")
+    result = run_eval(ns.model, method, config, ns.budget or (), ns.task, ns.context, ns.trials, ns.sample_seed, ns.haystack, **kw)
+    table = markdown_table(result)
+    print(table)
+    if ns.json_out:
+        Path(ns.json_out).write_text(json.dumps(result, indent=1) + "\n")
+    if ns.markdown_out:
+        Path(ns.markdown_out).write_text(table + "\n")
+    return 0
+
+
+def _budget(text: str) -> float | int:
+    """``--budget``: a whole number is a token count, anything else a fraction (checked with the method's config)."""
+    try:
+        return int(text) if text.strip().isdigit() else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1] or a whole number of tokens, got {text!r}") from None
+
+
 def cmd_train_tiny(ns: argparse.Namespace) -> int:
     print(f"wrote {run_train_tiny(ns)}")
     return 0
@@ -237,6 +263,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Prometheus names at /metrics: kvtier's, vLLM's (vllm: prefix, model_name and engine labels, so vLLM dashboards work), or both")
     add_engine_flags(serve)
     serve.set_defaults(func=cmd_serve)
+    ev = sub.add_parser("eval", help="retrieval accuracy of a KV method beside the full cache, through the engine")
+    ev.add_argument("--task", nargs="+", default=["passkey"], choices=TASKS)
+    ev.add_argument("--context", nargs="+", type=int, default=[2048], help="context lengths in tokens")
+    ev.add_argument("--budget", nargs="+", type=_budget, default=None,
+                    help="the method's budget(s): fractions in (0, 1] or token counts (default: --kv-method-config's)")
+    ev.add_argument("--trials", type=int, default=20, help="samples per cell, depths spread over [0, 1]")
+    ev.add_argument("--haystack", choices=HAYSTACKS, default="noise")
+    ev.add_argument("--sample-seed", type=int, default=0, help="seed of the retrieval samples (--seed seeds the engine)")
+    ev.add_argument("--json-out", default=None)
+    ev.add_argument("--markdown-out", default=None)
+    add_engine_flags(ev)
+    ev.set_defaults(func=cmd_eval)
     mk = sub.add_parser("make-checkpoint", help="write a random-weight Llama HF checkpoint folder")
     mk.add_argument("path")
     for name, p in _builder_options().items():

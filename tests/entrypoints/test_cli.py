@@ -69,6 +69,22 @@ def test_a_kv_method_is_chosen_by_flags_and_shown_by_info(model_dir):
     assert r.returncode == 2 and "kv_method: must be one of none, streamingllm" in r.stderr
 
 
+def test_eval_prints_the_full_cache_beside_the_method_and_refuses_bad_flags(model_dir, tmp_path):
+    out = tmp_path / "eval.json"
+    r = kvtier("eval", "--model", str(model_dir), "--kv-method", "streamingllm", "--budget", "0.5", "64", "--context", "256", "--trials", "2",
+               "--kv-cache-memory", str(1 << 22), "--json-out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "| task | context | full cache | streamingllm @ 0.5 | streamingllm @ 64 |" in r.stdout
+    assert [c["method"] for c in json.loads(out.read_text())["cells"]] == ["full cache", "streamingllm @ 0.5", "streamingllm @ 64"]
+    for flags, message in ((["--kv-method", "streamingllm", "--budget", "0"], "budget: must be a fraction"),
+                           (["--kv-method", "streamingllm", "--budget", "1.5"], "budget: must be a fraction"),
+                           (["--budget", "0.5"], "budget: needs a --kv-method"),
+                           (["--kv-method", "streamingllm", "--kv-method-config", '{"sinks": 2}'], "kv_method_config: streamingllm takes"),
+                           (["--task", "needle"], "--task: invalid choice")):
+        r = kvtier("eval", "--model", str(model_dir), *flags)
+        assert r.returncode == 2 and message in r.stderr, (flags, r.stderr)
+
+
 def test_chat_reads_turns_from_stdin(model_dir):
     r = kvtier("chat", "--model", str(model_dir), "--max-tokens", "3", "--kv-cache-memory", str(1 << 22), stdin="hello\nhow are you\n")
     assert r.returncode == 0, r.stderr
