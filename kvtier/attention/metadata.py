@@ -91,6 +91,10 @@ class AttentionMetadata:
     # set to [] by a caller that wants a decode step's attention probabilities (a KV method scoring keys): each layer of
     # the group appends, per decode group, the softmax over its gathered keys, [size, heads, L] in fp32
     decode_probs: list[list[torch.Tensor]] | None = None
+    # rows of the step's batch whose queries (after RoPE) a KV method reads, set by the runner: each layer of the group
+    # appends q at those rows, [rows, heads, head_dim]
+    query_rows: torch.Tensor | None = None
+    queries: list[torch.Tensor] | None = None
 
 
 def prefill_mask(span: PrefillSpan, window: int | None) -> torch.Tensor:

@@ -66,6 +66,8 @@ def paged_attention(
 ) -> torch.Tensor:
     """Write this step's K/V into the cache, then attend. q [T, H, D], k/v [T, Hkv, D] -> [T, H, D]."""
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    if meta.query_rows is not None:
+        meta.queries.append(q.index_select(0, meta.query_rows))
     num_tokens, num_heads, head_dim = q.shape
     num_kv = k.shape[1]
     group = num_heads // num_kv

@@ -15,16 +15,21 @@ import dataclasses
 import torch
 
 from kvtier.cache.coordinator import KVCacheCoordinator
+from kvtier.engine.scheduler import Chunk
 from kvtier.engine.sequence import Sequence
-from kvtier.kv_methods.base import KVMethod
+from kvtier.kv_methods.base import KVMethod, PromptCache
 
 
 class Compression:
-    def __init__(self, method: KVMethod | None, kv: KVCacheCoordinator, num_layers: int, num_kv_heads: int) -> None:
+    def __init__(self, method: KVMethod | None, kv: KVCacheCoordinator, num_layers: int, num_kv_heads: int,
+                 caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """``caches``: each layer's (K, V) cache tensors, [kv_heads, slots, head_dim], which a method's ``keys`` reads."""
         self.method = method
         self.kv = kv
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
+        self.caches = caches
+        self.window_rows: dict[int, list[list[torch.Tensor]]] = {}  # seq_id -> per chunk, per layer, the window's queries
         self.pending: dict[int, tuple[Sequence, torch.Tensor]] = {}  # seq_id -> (sequence, kept prompt positions)
 
     def describe(self) -> dict:
@@ -34,15 +39,46 @@ class Compression:
     def attach(self, seq: Sequence) -> None:
         if self.method is not None:
             seq.compress_at = seq.prompt_len
+            seq.compute_from = max(0, seq.prompt_len - self.method.window)  # a prefix hit must leave the window's queries to compute
 
-    def after_chunk(self, seq: Sequence) -> None:
-        """Compress when the chunk just computed completed the prompt (first time, or recomputed after preemption)."""
+    def query_rows(self, chunks: list[Chunk]) -> dict[int, tuple[int, int]]:
+        """Where this step's chunks cross their prompt's last ``window`` tokens: seq_id -> (first token of the chunk, count),
+        the queries the method will read."""
+        rows: dict[int, tuple[int, int]] = {}
+        for c in chunks if self.method is not None and self.method.window else ():
+            seq = c.seq
+            if seq.compress_at is None or seq.num_evicted:
+                continue
+            first = max(0, seq.compress_at - self.method.window)
+            lo, hi = max(c.start, first), min(c.start + c.num_tokens, seq.compress_at)
+            if lo < hi:
+                if lo == first:
+                    self.window_rows[seq.seq_id] = []  # the window starts (again, when a preempted sequence is recomputed)
+                rows[seq.seq_id] = (lo - c.start, hi - lo)
+        return rows
+
+    def after_chunk(self, seq: Sequence, queries: list[torch.Tensor] | None) -> None:
+        """Keep the window's queries the chunk computed; compress when the chunk completed the prompt (first time, or
+        recomputed after preemption)."""
+        if queries is not None:
+            self.window_rows[seq.seq_id].append(queries)
         if seq.compress_at is None or seq.num_computed_tokens != seq.compress_at or seq.num_evicted:
             return
-        keep = self.method.after_prefill(seq.prompt_len, self.num_layers, self.num_kv_heads)
+        held = self.window_rows.pop(seq.seq_id, [])
+        prompt = PromptCache(seq.prompt_len, self.num_layers, self.num_kv_heads, lambda layer: self._keys(seq.seq_id, layer, seq.prompt_len),
+                             lambda layer: torch.cat([chunk[layer] for chunk in held]))
+        keep = self.method.after_prefill(prompt)
         if keep is not None:
             self.pending[seq.seq_id] = (seq, keep)
             self._compact(seq.seq_id)
+
+    def _keys(self, seq_id: int, layer: int, n: int) -> torch.Tensor:
+        """The sequence's first ``n`` keys in ``layer``, [kv_heads, n, head_dim] (a method reads them before compaction)."""
+        bs = self.kv.block_size
+        table = torch.tensor(self.kv.block_ids(seq_id)[0], dtype=torch.long)
+        pos = torch.arange(n)
+        k_cache = self.caches[layer][0]
+        return k_cache[:, (table[pos // bs] * bs + pos % bs).to(k_cache.device)]
 
     def retry(self) -> None:
         """Compactions the pool could not take earlier, for sequences still in the device cache."""

@@ -71,7 +71,7 @@ class LLMEngine:
         self.output = OutputProcessor(self.tokenizer, self.max_model_len)
         self.branching = Branching(self.kv, self.tokenizer, self.output.start, self._generator, self.max_model_len)
         self.checkpoints = Checkpoints(self.kv)
-        self.compression = Compression(self._kv_method(), self.kv, cfg.num_hidden_layers, cfg.num_key_value_heads)
+        self.compression = Compression(self._kv_method(), self.kv, cfg.num_hidden_layers, cfg.num_key_value_heads, self.runner.kv_caches)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0, "requests_aborted": 0}
@@ -168,7 +168,8 @@ class LLMEngine:
         """Run one iteration; return outputs of requests that finished (and of streamed ones that moved)."""
         self.compression.retry()
         plan = self.scheduler.schedule()
-        logits = self.runner.execute(plan.output)
+        rows = self.compression.query_rows(plan.chunks)
+        logits = self.runner.execute(replace(plan.output, query_rows=rows) if rows else plan.output)
         if plan.empty:
             return self._evict_unservable()
         now = time.monotonic()
@@ -181,7 +182,7 @@ class LLMEngine:
             if not c.seq.num_evicted:  # a compressed cache is no prefix of anything: never offered to others
                 self.kv.cache_computed(c.seq.seq_id, c.seq.token_ids, c.seq.num_computed_tokens)
             self.checkpoints.after_chunk(c.request, c.seq)
-            self.compression.after_chunk(c.seq)
+            self.compression.after_chunk(c.seq, logits.queries.get(c.seq.seq_id))
         if plan.to_sample:
             self._sample(plan.to_sample, logits.last)
         return self._finish_and_emit(plan)

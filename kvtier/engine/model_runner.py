@@ -28,6 +28,8 @@ class StepLogits:
     # method evicted tokens; 0 where it sees none);
     # only when asked for (``execute(..., decode_probs=True)``)
     decode_probs: dict[int, torch.Tensor] = field(default_factory=dict)
+    # seq_id -> per attention layer the queries (after RoPE) of the rows asked for (``execute(..., query_rows=...)``)
+    queries: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -47,7 +49,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput, decode_probs: bool = False) -> StepLogits:
         """Do the step's block moves, then the forward; an empty step only moves blocks. ``decode_probs``: also return
-        every decode query's attention probabilities (what a KV method that scores keys reads)."""
+        every decode query's attention probabilities (what a KV method that scores keys reads). The queries of
+        ``step.query_rows`` come back layer by layer (a method that reads the prompt's last queries)."""
         self.storage.apply(step.ops)
         if not step.seqs:
             return StepLogits({}, {})
@@ -56,6 +59,7 @@ class ModelRunner:
         if decode_probs:
             for meta in attention:
                 meta.decode_probs = []
+        asked = self._ask_queries(ordered, attention, step.query_rows) if step.query_rows else []
         group_metas = dict(zip(self.attention_groups, attention))
         group_metas.update({g: plan_states(ordered, g, self.device) for g in self.state_groups})
         ids = [t for s in ordered for t in s.token_ids]
@@ -65,7 +69,35 @@ class ModelRunner:
         result = self._logits(ordered, hidden, step.sample_ids, step.prompt_logit_ids)
         if decode_probs:
             result.decode_probs = self._decode_probs(ordered, group_metas)
+        if asked:
+            result.queries = self._queries(asked, group_metas)
         return result
+
+    def _ask_queries(self, ordered: list[ScheduledTokens], attention: list[AttentionMetadata],
+                     query_rows: dict[int, tuple[int, int]]) -> list[tuple[int, int]]:
+        """Point every attention group at the batch rows of ``query_rows``; returns (seq_id, count) in row order."""
+        rows: list[int] = []
+        asked: list[tuple[int, int]] = []
+        offset = 0
+        for s in ordered:
+            if s.seq_id in query_rows:
+                first, count = query_rows[s.seq_id]
+                rows.extend(range(offset + first, offset + first + count))
+                asked.append((s.seq_id, count))
+            offset += s.num_tokens
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        for meta in attention:
+            meta.query_rows, meta.queries = index, []
+        return asked
+
+    def _queries(self, asked: list[tuple[int, int]], group_metas: dict[int, AttentionMetadata]) -> dict[int, list[torch.Tensor]]:
+        calls = {g: iter(group_metas[g].queries) for g in self.attention_groups}  # a group's layers appended in layer order
+        out: dict[int, list[torch.Tensor]] = {sid: [] for sid, _ in asked}
+        for g in self.layer_groups:
+            if g in calls:
+                for (sid, _), rows in zip(asked, next(calls[g]).split([n for _, n in asked])):
+                    out[sid].append(rows)
+        return out
 
     def _decode_probs(self, ordered: list[ScheduledTokens], group_metas: dict[int, AttentionMetadata]) -> dict[int, torch.Tensor]:
         """Each decode sequence's probabilities, attention layer by layer, scattered from gathered keys to key positions."""

@@ -169,8 +169,10 @@ class Scheduler:
             prefixes: dict[int, PrefixHit] = {}
             for s in req.live_seqs:
                 if s.num_computed_tokens == 0 and not self.kv.has(s.seq_id):
-                    # a hit stops short of the first checkpoint position, so that a chunk ends there and its state is kept
-                    lookup = s.token_ids[: s.checkpoint_at[0]] if s.checkpoint_at else s.token_ids
+                    # a hit stops short of the first checkpoint position, so that a chunk ends there and its state is kept, and
+                    # of the tokens whose queries a KV method reads
+                    limits = [*s.checkpoint_at[:1], *(() if s.compute_from is None else (s.compute_from,))]
+                    lookup = s.token_ids[: min(limits)] if limits else s.token_ids
                     prefixes[s.seq_id] = self.kv.resume_hit(req.start_from) if req.start_from else self.kv.computed_prefix(lookup)
             for s in req.live_seqs:
                 s.num_computed_tokens = self._hit_tokens(prefixes, s)

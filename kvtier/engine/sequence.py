@@ -38,6 +38,7 @@ class Sequence:
     detokenizer: object | None = None  # IncrementalDetokenizer while text is needed token by token
     checkpoint_at: list[int] = field(default_factory=list)  # positions (tokens computed) whose cache state to keep, ascending
     compress_at: int | None = None  # where a KV method evicts (the prompt's end); a chunk stops there, recomputed or not
+    compute_from: int | None = None  # a prefix hit stops here: a KV method reads the queries of the tokens from here on
     num_evicted: int = 0  # tokens a KV method dropped from the cache: token at position p >= the prompt's end is in slot p - num_evicted
 
     def until_checkpoint(self, n: int) -> int:
@@ -70,6 +71,7 @@ class Sequence:
             index=index,
             num_computed_tokens=self.num_computed_tokens,
             compress_at=self.compress_at,
+            compute_from=self.compute_from,
             num_evicted=self.num_evicted,
             cumulative_logprob=self.cumulative_logprob,
             logprobs=None if self.logprobs is None else list(self.logprobs),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -38,6 +39,18 @@ class KVMethodConfig:
         return min(context, int(self.budget))
 
 
+@dataclass(frozen=True)
+class PromptCache:
+    """What a method may read of a sequence whose prompt is all in the cache: its size, each layer's prompt keys
+    (after RoPE) and the queries (after RoPE) of the prompt's last ``KVMethod.window`` tokens."""
+
+    num_tokens: int
+    num_layers: int
+    num_kv_heads: int
+    keys: Callable[[int], torch.Tensor]  # layer -> [kv_heads, num_tokens, head_dim]
+    window_queries: Callable[[int], torch.Tensor]  # layer -> [min(window, num_tokens), heads, head_dim]
+
+
 class KVMethod(ABC):
     """One KV-cache method; the engine builds one per engine from its config."""
 
@@ -47,7 +60,12 @@ class KVMethod(ABC):
     def __init__(self, config: KVMethodConfig) -> None:
         self.config = config
 
+    @property
+    def window(self) -> int:
+        """How many of the prompt's last queries ``after_prefill`` reads; the engine keeps them during the prefill."""
+        return 0
+
     @abstractmethod
-    def after_prefill(self, num_tokens: int, num_layers: int, num_kv_heads: int) -> torch.Tensor | None:
-        """The prompt positions each layer and KV head keeps once a sequence's ``num_tokens``-token prompt is in the
-        cache, as [num_layers, num_kv_heads, kept] ascending (the same count everywhere); None keeps them all."""
+    def after_prefill(self, prompt: PromptCache) -> torch.Tensor | None:
+        """The prompt positions each layer and KV head keeps once the whole prompt is in the cache, as
+        [num_layers, num_kv_heads, kept] ascending (the same count everywhere); None keeps them all."""

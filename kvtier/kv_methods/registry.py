@@ -7,10 +7,11 @@ import json
 
 from kvtier.errors import InvalidArgumentError
 from kvtier.kv_methods.base import KVMethod
+from kvtier.kv_methods.snapkv import SnapKV
 from kvtier.kv_methods.streaming_llm import StreamingLLM
 
 NONE = "none"  # the full cache: no method object, nothing to pay
-KV_METHODS: dict[str, type[KVMethod]] = {m.name: m for m in (StreamingLLM,)}
+KV_METHODS: dict[str, type[KVMethod]] = {m.name: m for m in (StreamingLLM, SnapKV)}
 
 
 def parse_config(config: dict | str | None) -> dict:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from kvtier.errors import InvalidArgumentError
-from kvtier.kv_methods.base import KVMethod, KVMethodConfig
+from kvtier.kv_methods.base import KVMethod, KVMethodConfig, PromptCache
 
 
 @dataclass(frozen=True)
@@ -29,10 +29,11 @@ class StreamingLLM(KVMethod):
     config_class = StreamingLLMConfig
     config: StreamingLLMConfig
 
-    def after_prefill(self, num_tokens: int, num_layers: int, num_kv_heads: int) -> torch.Tensor | None:
-        kept = self.config.kept(num_tokens)
-        if kept >= num_tokens:
+    def after_prefill(self, prompt: PromptCache) -> torch.Tensor | None:
+        n = prompt.num_tokens
+        kept = self.config.kept(n)
+        if kept >= n:
             return None
         sink = min(self.config.n_sink, kept)
-        positions = torch.cat([torch.arange(sink), torch.arange(num_tokens - (kept - sink), num_tokens)])
-        return positions.expand(num_layers, num_kv_heads, kept)
+        positions = torch.cat([torch.arange(sink), torch.arange(n - (kept - sink), n)])
+        return positions.expand(prompt.num_layers, prompt.num_kv_heads, kept)

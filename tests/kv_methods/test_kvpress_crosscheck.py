@@ -17,15 +17,19 @@ import pytest
 import torch
 
 from kvtier import LLM, SamplingParams
-from kvtier.kv_methods.registry import build_method
 from kvtier.models.embedded import resolve_model
 from tests.engine.test_hf_parity import LogitSpy, prompts_of
 from tests.hf_checkpoints import save_hf_checkpoint
+from tests.kv_methods.test_eviction import record_kept
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = Path(__file__).with_name("kvpress_reference.py")
 # kvtier method -> (kvpress press, how our config maps onto the press's arguments)
-PRESSES = {"streamingllm": ("StreamingLLMPress", lambda c: {"compression_ratio": 1 - c["budget"], "n_sink": c.get("n_sink", 4)})}
+PRESSES = {
+    "streamingllm": ("StreamingLLMPress", lambda c: {"compression_ratio": 1 - c["budget"], "n_sink": c.get("n_sink", 4)}),
+    "snapkv": ("SnapKVPress", lambda c: {"compression_ratio": 1 - c["budget"], "window_size": c.get("window_size", 64),
+                                         "kernel_size": c.get("kernel_size", 5)}),
+}
 
 
 @pytest.fixture(scope="module")
@@ -51,19 +55,19 @@ def kvpress_answer(python: Path, model: str, press: str, kwargs: dict, prompt: l
 @pytest.mark.parametrize("method, config", [
     ("streamingllm", {"budget": 0.25}),
     ("streamingllm", {"budget": 0.5, "n_sink": 2}),
+    ("snapkv", {"budget": 0.25, "window_size": 16}),
+    ("snapkv", {"budget": 0.5, "window_size": 32, "kernel_size": 3}),
 ])
 def test_kept_positions_and_logits_match_kvpress(kvpress_python, model_dir, method, config):
     llm = LLM(model_dir, dtype="float32", kv_cache_memory=1 << 24, kv_method=method, kv_method_config=config)
     vocab = llm.engine.model_config.vocab_size
     prompt = prompts_of([96], min(vocab, 512), seed=21)[0]
-    spy = LogitSpy(llm)
+    spy, kept = LogitSpy(llm), record_kept(llm)
     out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), use_tqdm=False)[0]
     (logits,) = spy.by_seq.values()
     press, to_kwargs = PRESSES[method]
     ref = kvpress_answer(kvpress_python, model_dir, press, to_kwargs(config), prompt, out.outputs[0].token_ids[0])
-    cfg = llm.engine.model_config
-    keep = build_method(method, config).after_prefill(len(prompt), cfg.num_hidden_layers, cfg.num_key_value_heads)
-    assert keep.tolist() == ref["kept"]
+    assert kept[0].tolist() == ref["kept"]
     assert (logits[1] - torch.tensor(ref["logits"])).abs().max().item() <= 1e-4
 
 

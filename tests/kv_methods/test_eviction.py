@@ -1,6 +1,6 @@
-"""StreamingLLM through the engine against transformers on the same weights with its cache cut to the same kept positions,
-and what an evicting method must not break: the freed blocks, forks sharing the compressed blocks, recompute after
-preemption, and the prefix cache its uncompressed prompt blocks stay in."""
+"""Evicting methods (StreamingLLM, SnapKV) through the engine against transformers on the same weights with its cache cut
+to the same kept positions, and what an evicting method must not break: the freed blocks, forks sharing the compressed
+blocks, recompute after preemption, and the prefix cache its uncompressed prompt blocks stay in."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from sliding_window import peak_decoding, random_prompts  # benchmarks/sliding_w
 
 from kvtier import LLM, SamplingParams
 from kvtier.errors import InvalidArgumentError
-from kvtier.kv_methods.streaming_llm import StreamingLLM, StreamingLLMConfig
+from kvtier.kv_methods.base import KVMethodConfig
 from tests.engine.test_hf_parity import LogitSpy, prompts_of
 from tests.hf_checkpoints import save_hf_checkpoint
 
@@ -24,12 +24,28 @@ def llama_dir(tmp_path_factory, tokenizer_files):
     return save_hf_checkpoint(tmp_path_factory.mktemp("llama"), tokenizer_files, "LlamaForCausalLM")
 
 
-def _engine_logits(path, prompt, max_tokens, **engine_kw):
+def record_kept(llm: LLM) -> list[torch.Tensor]:
+    """Every kept-position choice the engine's method makes, [layers, kv_heads, kept] each, in order."""
+    method, kept = llm.engine.compression.method, []
+    choose = method.after_prefill
+
+    def after_prefill(prompt):
+        keep = choose(prompt)
+        kept.append(keep)
+        return keep
+
+    method.after_prefill = after_prefill
+    return kept
+
+
+def engine_logits(path, prompt, max_tokens, **engine_kw):
+    """Greedy tokens, the logits each was sampled from, and the kept positions of the engine's method (if any)."""
     llm = LLM(str(path), dtype="float32", kv_cache_memory=1 << 22, **engine_kw)
     spy = LogitSpy(llm)
+    kept = record_kept(llm) if llm.engine.compression.method else []
     out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)[0]
     (logits,) = spy.by_seq.values()
-    return out.outputs[0].token_ids, torch.stack(logits), llm
+    return out.outputs[0].token_ids, torch.stack(logits), kept
 
 
 @torch.no_grad()
@@ -48,23 +64,49 @@ def _hf_on_kept_cache(path, prompt, keep, tokens):
     return torch.stack(logits)
 
 
-@pytest.mark.parametrize("budget", [0.25, 24, 0.5])
-def test_streamingllm_matches_transformers_on_the_kept_cache(llama_dir, budget):
+@pytest.mark.parametrize("method, config", [
+    ("streamingllm", {"budget": 0.25}), ("streamingllm", {"budget": 24}), ("streamingllm", {"budget": 0.5, "n_sink": 2}),
+    ("snapkv", {"budget": 0.25, "window_size": 16}), ("snapkv", {"budget": 30, "window_size": 8, "pooling": "max"}),
+])
+def test_the_engine_after_eviction_matches_transformers_on_the_kept_cache(llama_dir, method, config):
+    """Whatever positions the method keeps, the engine's logits after compression are transformers' on its cache cut to them."""
     prompt = prompts_of([70], 512, seed=11)[0]
-    tokens, mine, _ = _engine_logits(llama_dir, prompt, 8, kv_method="streamingllm", kv_method_config={"budget": budget})
-    keep = StreamingLLM(StreamingLLMConfig(budget=budget)).after_prefill(len(prompt), 2, 2)
+    tokens, mine, (keep,) = engine_logits(llama_dir, prompt, 8, kv_method=method, kv_method_config=config)
+    assert keep.shape[:2] == (2, 2) and keep.shape[-1] == KVMethodConfig(budget=config["budget"]).kept(len(prompt))
     expect = _hf_on_kept_cache(llama_dir, prompt, keep, tokens)
     assert (mine - expect).abs().max().item() <= TOL
     assert tokens == expect.argmax(-1).tolist()
-    full_tokens, full, _ = _engine_logits(llama_dir, prompt, 8)
+    full_tokens, full, _ = engine_logits(llama_dir, prompt, 8)
     assert (full[1:] - mine[1:]).abs().max().item() > 1e-3, "eviction changed nothing: the test could not fail"
 
 
-@pytest.mark.parametrize("budget", [1.0, 70, 5000])
-def test_a_budget_covering_the_context_gives_the_full_cache(llama_dir, budget):
+def test_snapkv_chooses_the_same_whatever_the_chunks_and_the_prefix_cache(llama_dir):
+    """The observation window's queries are gathered across prefill chunks (a 16-token window over 7-token chunks), and a
+    prefix hit stops before the window, so its queries are computed again: the same kept positions, the same tokens."""
+    prompt = prompts_of([70], 512, seed=16)[0]
+    kw = dict(kv_method="snapkv", kv_method_config={"budget": 0.25, "window_size": 16})
+    tokens, logits, (keep,) = engine_logits(llama_dir, prompt, 6, **kw)
+    chunked, chunked_logits, (chunked_keep,) = engine_logits(llama_dir, prompt, 6, max_num_batched_tokens=7, **kw)
+    assert torch.equal(chunked_keep, keep) and chunked == tokens and (chunked_logits - logits).abs().max().item() <= 1e-4
+    llm = LLM(str(llama_dir), dtype="float32", kv_cache_memory=1 << 22, enable_prefix_caching=True, **kw)
+    kept = record_kept(llm)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    outs = [llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0] for _ in range(2)]
+    assert outs[1].num_cached_tokens == 48, "the hit covers whole blocks before the window (70 - 16 = 54 -> 3 blocks)"
+    assert all(torch.equal(k, keep) for k in kept) and all(o.outputs[0].token_ids == tokens for o in outs)
+
+
+def test_streamingllm_keeps_the_sinks_and_the_most_recent_tokens(llama_dir):
+    _, _, (keep,) = engine_logits(llama_dir, prompts_of([70], 512, seed=11)[0], 2, kv_method="streamingllm", kv_method_config={"budget": 0.25})
+    assert keep.tolist() == [[[0, 1, 2, 3, *range(57, 70)]] * 2] * 2  # 17 = floor(70 / 4): 4 sinks, the last 13
+
+
+@pytest.mark.parametrize("method, config", [("streamingllm", {"budget": 1.0}), ("streamingllm", {"budget": 70}),
+                                            ("streamingllm", {"budget": 5000}), ("snapkv", {"budget": 1.0, "window_size": 16})])
+def test_a_budget_covering_the_context_gives_the_full_cache(llama_dir, method, config):
     prompt = prompts_of([70], 512, seed=12)[0]
-    tokens, mine, llm = _engine_logits(llama_dir, prompt, 6, kv_method="streamingllm", kv_method_config={"budget": budget})
-    full_tokens, full, _ = _engine_logits(llama_dir, prompt, 6)
+    tokens, mine, _ = engine_logits(llama_dir, prompt, 6, kv_method=method, kv_method_config=config)
+    full_tokens, full, _ = engine_logits(llama_dir, prompt, 6)
     assert tokens == full_tokens and (mine - full).abs().max().item() <= 1e-5
 
 
@@ -96,11 +138,12 @@ def test_a_quarter_budget_decodes_three_times_the_sequences_in_the_same_memory(t
     assert kept["peak_decoding"] >= 3 * full["peak_decoding"], (kept, full)
 
 
-def test_recompute_after_preemption_compresses_again_to_the_same_outputs(llama_dir):
+@pytest.mark.parametrize("method, extra", [("streamingllm", {}), ("snapkv", {"window_size": 16})])
+def test_recompute_after_preemption_compresses_again_to_the_same_outputs(llama_dir, method, extra):
     """A pool too small for all six requests at once: some are preempted and recomputed; each output equals the one it gets alone."""
     prompts = prompts_of([90, 70, 100, 80, 95, 60], 512, seed=14)
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    kw = dict(dtype="float32", kv_method="streamingllm", kv_method_config={"budget": 0.25})
+    kw = dict(dtype="float32", kv_method=method, kv_method_config={"budget": 0.25, **extra})
     alone = [LLM(str(llama_dir), kv_cache_memory=1 << 22, **kw).generate({"prompt_token_ids": p}, params, use_tqdm=False)[0] for p in prompts]
     block = 16 * 2 * 2 * 2 * 16 * 4  # tokens x (K, V) x layers x KV heads x head_dim x fp32
     tight = LLM(str(llama_dir), kv_cache_memory=16 * block, **kw)
