@@ -14,6 +14,7 @@ from kvtier.config import EngineArgs
 from kvtier.entrypoints.openai.metrics import METRIC_NAMES
 from kvtier.errors import InvalidArgumentError, KvtierError
 from kvtier.eval.haystacks import HAYSTACKS
+from kvtier.eval.probe import PROTOCOLS
 from kvtier.eval.retrieval import TASKS
 from kvtier.training.train_tiny import add_train_tiny_args, run_train_tiny
 
@@ -208,7 +209,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
     kw = engine_kwargs(ns)
     method, config = kw.pop("kv_method"), kw.pop("kv_method_config")
-    result = run_eval(ns.model, method, config, ns.budget or (), ns.task, ns.context, ns.trials, ns.sample_seed, ns.haystack, **kw)
+    result = run_eval(ns.model, method, config, ns.budget or (), ns.task, ns.context, ns.trials, ns.sample_seed, ns.haystack, ns.protocol, **kw)
     table = markdown_table(result)
     print(table)
     if ns.json_out:
@@ -270,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the method's budget(s): fractions in (0, 1] or token counts (default: --kv-method-config's)")
     ev.add_argument("--trials", type=int, default=20, help="samples per cell, depths spread over [0, 1]")
     ev.add_argument("--haystack", choices=HAYSTACKS, default="noise")
+    ev.add_argument("--protocol", choices=PROTOCOLS, default="query-agnostic",
+                    help="the question after compression, through decode (query-agnostic), or in the prompt before it (query-aware)")
     ev.add_argument("--sample-seed", type=int, default=0, help="seed of the retrieval samples (--seed seeds the engine)")
     ev.add_argument("--json-out", default=None)
     ev.add_argument("--markdown-out", default=None)

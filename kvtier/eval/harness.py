@@ -1,9 +1,10 @@
 """``kvtier eval``: how much a KV method costs in accuracy, measured through the serving engine beside the full cache.
 
 The grid is method x budget x task x context length, each cell ``trials`` retrieval samples (depths spread over
-[0, 1], seeded) answered by kvtier's engine with the question fed through decode steps after compression, the
-query-agnostic protocol (:mod:`kvtier.eval.probe`). The full cache is always measured in the same run, and a cell
-where it scores below 50% is marked: a method cannot be judged where the model itself fails.
+[0, 1], seeded) answered by kvtier's engine, the question fed through decode steps after compression (query-agnostic)
+or prefilled with the haystack before it (query-aware), as kvpress has them (:mod:`kvtier.eval.probe`). The full
+cache is always measured in the same run, and a cell where it scores below 50% is marked: a method cannot be judged
+where the model itself fails.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from tqdm import tqdm
 from kvtier.entrypoints.llm import LLM
 from kvtier.errors import InvalidArgumentError
 from kvtier.eval.haystacks import HAYSTACKS
-from kvtier.eval.probe import run_engine_probe
+from kvtier.eval.probe import PROTOCOLS, run_engine_probe
 from kvtier.eval.retrieval import TASKS
 from kvtier.kv_methods.registry import NONE, build_method, parse_config
 from kvtier.machine import machine_line
@@ -38,7 +39,7 @@ class EvalCell:
 
 
 def check_eval_args(kv_method: str, kv_method_config: dict | str | None, budgets: Sequence[float | int], tasks: Sequence[str],
-                    contexts: Sequence[int], trials: int, haystack: str) -> list[dict | None]:
+                    contexts: Sequence[int], trials: int, haystack: str, protocol: str = "query-agnostic") -> list[dict | None]:
     """Every run's method config (None: the full cache), checked before anything is loaded; a bad value names its flag."""
     for t in tasks:
         if t not in TASKS:
@@ -50,6 +51,8 @@ def check_eval_args(kv_method: str, kv_method_config: dict | str | None, budgets
             raise InvalidArgumentError("context", f"must be whole numbers of tokens >= {MIN_CONTEXT}, got {c!r}")
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise InvalidArgumentError("trials", f"must be an integer >= 1, got {trials!r}")
+    if protocol not in PROTOCOLS:
+        raise InvalidArgumentError("protocol", f"must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
     if haystack not in HAYSTACKS:
         raise InvalidArgumentError("haystack", f"must be one of {', '.join(HAYSTACKS)}; got {haystack!r}")
     config = parse_config(kv_method_config)
@@ -70,9 +73,10 @@ def check_eval_args(kv_method: str, kv_method_config: dict | str | None, budgets
 
 def run_eval(model: str, kv_method: str = NONE, kv_method_config: dict | str | None = None, budgets: Sequence[float | int] = (),
              tasks: Sequence[str] = ("passkey",), contexts: Sequence[int] = (2048,), trials: int = 20, sample_seed: int = 0,
-             haystack: str = "noise", **engine_kwargs) -> dict:
-    """The grid as a JSON-able dict: each run (the full cache, then the method at each budget) loads the engine once."""
-    runs = check_eval_args(kv_method, kv_method_config, budgets, tasks, contexts, trials, haystack)
+             haystack: str = "noise", protocol: str = "query-agnostic", **engine_kwargs) -> dict:
+    """The grid as a JSON-able dict: each run (the full cache, then the method at each budget) loads the engine once.
+    ``protocol``: the question after compression (``query-agnostic``) or inside the compressed prompt (``query-aware``)."""
+    runs = check_eval_args(kv_method, kv_method_config, budgets, tasks, contexts, trials, haystack, protocol)
     cells: list[EvalCell] = []
     bar = tqdm(total=len(runs) * len(tasks) * len(contexts), desc="kvtier eval", unit="cell")
     for run in runs:
@@ -84,7 +88,7 @@ def run_eval(model: str, kv_method: str = NONE, kv_method_config: dict | str | N
                                        f"the question and answer), got {max(contexts)}")
         for task in tasks:
             for context in contexts:
-                r = run_engine_probe(llm, llm.get_tokenizer(), task, context, trials, sample_seed, haystack=haystack)
+                r = run_engine_probe(llm, llm.get_tokenizer(), task, context, trials, sample_seed, protocol=protocol, haystack=haystack)
                 cells.append(EvalCell(name, task, context, r.trials, r.accuracy, r.by_depth))
                 bar.set_postfix_str(f"{name} {task} {context}: {r.accuracy:.0%}")
                 bar.update()
@@ -92,7 +96,7 @@ def run_eval(model: str, kv_method: str = NONE, kv_method_config: dict | str | N
         gc.collect()
     bar.close()
     return {"machine": machine_line(), "model": model, "kv_method": kv_method, "kv_method_config": parse_config(kv_method_config),
-            "haystack": haystack, "trials": trials, "sample_seed": sample_seed, "protocol": "question fed through decode after compression",
+            "haystack": haystack, "trials": trials, "sample_seed": sample_seed, "protocol": protocol,
             "cells": [asdict(c) for c in cells]}
 
 
@@ -102,7 +106,8 @@ def markdown_table(result: dict) -> str:
     methods = list(dict.fromkeys(c["method"] for c in cells))
     rows = list(dict.fromkeys((c["task"], c["context_tokens"]) for c in cells))
     acc = {(c["method"], c["task"], c["context_tokens"]): c["accuracy"] for c in cells}
-    head = f"{result['model']}, {result['haystack']} haystack, {result['trials']} trials a cell, sample seed {result['sample_seed']}"
+    head = (f"{result['model']}, {result['haystack']} haystack, {result['protocol']}, {result['trials']} trials a cell, "
+            f"sample seed {result['sample_seed']}")
     lines = [f"{head}; {result['machine']}", "", "| task | context | " + " | ".join(methods) + " |", "| --- | --- |" + " --- |" * len(methods)]
     for task, context in rows:
         mark = " *" if acc[(FULL, task, context)] < JUDGEABLE else ""

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kvtier.errors import InvalidArgumentError
 from kvtier.eval.retrieval import RetrievalSample, TokenEncoder, make_sample
 from kvtier.sampling.logits_processors import ForcedTokens
 from kvtier.sampling_params import SamplingParams
@@ -92,25 +93,35 @@ def split_prompt(tokenizer: TokenEncoder, sample: RetrievalSample) -> tuple[list
     return context_ids, list(tokenizer.encode(sample.prompt))[len(context_ids):]
 
 
+PROTOCOLS = ("query-agnostic", "query-aware")  # kvpress's names: the question after compression, or inside the compressed prompt
+
+
 def engine_replies(llm: LLM, tokenizer: TokenEncoder, task: str, context_tokens: int, trials: int, seed: int = 0,
-                   max_new_tokens: int = 12, **sample_kw: str) -> list[tuple[RetrievalSample, str]]:
-    """The samples of :func:`probe_replies` answered by kvtier's engine, all trials in one batch: each haystack prefilled
-    (in the engine's chunks), its question forced through decode steps, then the answer decoded greedily up to EOS."""
+                   max_new_tokens: int = 12, protocol: str = "query-agnostic", **sample_kw: str) -> list[tuple[RetrievalSample, str]]:
+    """The samples of :func:`probe_replies` answered by kvtier's engine, all trials in one batch, the answer decoded
+    greedily up to EOS. ``query-agnostic``: each haystack prefilled (in the engine's chunks), its question forced
+    through decode steps, so a KV method compresses before it sees the question. ``query-aware``: haystack and
+    question prefilled together, so the method sees the question."""
+    if protocol not in PROTOCOLS:
+        raise InvalidArgumentError("protocol", f"must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
     batch = samples(task, tokenizer, context_tokens, trials, seed, **sample_kw)
-    prompts, params = [], []
+    prompts, params, forced = [], [], []
     for s in batch:
         context_ids, question_ids = split_prompt(tokenizer, s)
+        if protocol == "query-aware":
+            context_ids, question_ids = context_ids + question_ids, []
         prompts.append({"prompt_token_ids": context_ids})
         params.append(SamplingParams(temperature=0.0, max_tokens=len(question_ids) + max_new_tokens, logits_processors=[ForcedTokens(question_ids)]))
+        forced.append(len(question_ids))
     outs = llm.generate(prompts, params, use_tqdm=False)
     decode = llm.get_tokenizer().decode
-    return [(s, decode(list(o.outputs[0].token_ids)[len(p.logits_processors[0].token_ids):])) for s, o, p in zip(batch, outs, params)]
+    return [(s, decode(list(o.outputs[0].token_ids)[n:])) for s, o, n in zip(batch, outs, forced)]
 
 
 def run_engine_probe(llm: LLM, tokenizer: TokenEncoder, task: str, context_tokens: int, trials: int, seed: int = 0,
-                     max_new_tokens: int = 12, **sample_kw: str) -> ProbeResult:
+                     max_new_tokens: int = 12, protocol: str = "query-agnostic", **sample_kw: str) -> ProbeResult:
     """Accuracy of ``task`` at ``context_tokens`` over the replies of :func:`engine_replies`, overall and by depth."""
-    return score(task, context_tokens, engine_replies(llm, tokenizer, task, context_tokens, trials, seed, max_new_tokens, **sample_kw))
+    return score(task, context_tokens, engine_replies(llm, tokenizer, task, context_tokens, trials, seed, max_new_tokens, protocol, **sample_kw))
 
 
 def score(task: str, context_tokens: int, replies: Iterable[tuple[RetrievalSample, str]]) -> ProbeResult:

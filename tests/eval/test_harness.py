@@ -22,8 +22,19 @@ def test_streamingllm_fails_where_it_evicted_the_needle_and_nowhere_else():
     assert "| passkey | 512 | 100% | " in table and "streamingllm @ 0.25" in table
 
 
+def test_the_query_aware_protocol_prefills_the_question_with_the_haystack():
+    """With the question in the prompt the full cache answers as it does with the question through decode, and a budget
+    that covers the prompt changes nothing; only the protocol recorded differs."""
+    kw = dict(tasks=["passkey"], contexts=[256], trials=4, dtype="float32", kv_cache_memory=1 << 26)
+    aware = run_eval("kvtier-tiny", "snapkv", None, [1.0], protocol="query-aware", **kw)
+    agnostic = run_eval("kvtier-tiny", **kw)
+    assert [c["accuracy"] for c in aware["cells"]] == [1.0, 1.0] and agnostic["cells"][0]["accuracy"] == 1.0
+    assert (aware["protocol"], agnostic["protocol"]) == ("query-aware", "query-agnostic")
+    assert "query-aware" in markdown_table(aware)
+
+
 def test_rows_where_the_full_cache_fails_are_marked():
-    result = {"model": "m", "haystack": "noise", "trials": 2, "sample_seed": 0, "machine": "x", "cells": [
+    result = {"model": "m", "haystack": "noise", "protocol": "query-agnostic", "trials": 2, "sample_seed": 0, "machine": "x", "cells": [
         {"method": FULL, "task": "passkey", "context_tokens": 512, "accuracy": 0.4},
         {"method": "streamingllm @ 0.5", "task": "passkey", "context_tokens": 512, "accuracy": 0.5}]}
     table = markdown_table(result)
@@ -41,6 +52,7 @@ def test_rows_where_the_full_cache_fails_are_marked():
     (dict(contexts=[100_000]), "context"),
     (dict(trials=0), "trials"),
     (dict(haystack="poetry"), "haystack"),
+    (dict(protocol="question-first"), "protocol"),
 ])
 def test_bad_arguments_fail_at_start_naming_the_flag(kw, field):
     with pytest.raises(InvalidArgumentError) as e:
