@@ -80,6 +80,12 @@ class Compression:
         k_cache = self.caches[layer][0]
         return k_cache[:, (table[pos // bs] * bs + pos % bs).to(k_cache.device)]
 
+    def retire(self, seq_ids: list[int]) -> None:
+        """Forget what is held for sequences that ended (finished or aborted, perhaps mid-window)."""
+        for sid in seq_ids:
+            self.window_rows.pop(sid, None)
+            self.pending.pop(sid, None)
+
     def retry(self) -> None:
         """Compactions the pool could not take earlier, for sequences still in the device cache."""
         for seq_id, (seq, _) in list(self.pending.items()):

@@ -262,6 +262,7 @@ class LLMEngine:
         for s in req.seqs:
             self.kv.free(s.seq_id)
         self.checkpoints.retire(req)
+        self.compression.retire([s.seq_id for s in req.seqs])
         req.status = RequestStatus.FINISHED
         self.scheduler.remove(req)
         self.requests.pop(req.request_id, None)

@@ -96,7 +96,18 @@ def test_snapkv_chooses_the_same_whatever_the_chunks_and_the_prefix_cache(llama_
     assert all(torch.equal(k, keep) for k in kept) and all(o.outputs[0].token_ids == tokens for o in outs)
 
 
-def test_streamingllm_keeps_the_sinks_and_the_most_recent_tokens(llama_dir):
+def test_an_abort_mid_window_leaves_nothing_behind(llama_dir):
+    """A request aborted while its prefill is inside SnapKV's window: its blocks come back and no queries stay held."""
+    llm = LLM(str(llama_dir), dtype="float32", kv_cache_memory=1 << 22, max_num_batched_tokens=60, kv_method="snapkv",
+              kv_method_config={"budget": 0.25, "window_size": 16})
+    llm.engine.add_request({"prompt_token_ids": prompts_of([70], 512, seed=17)[0]}, SamplingParams(max_tokens=4), "r")
+    llm.engine.step()  # 60 of 70 tokens: 6 of the window's 16 queries are held
+    assert [len(q) for q in llm.engine.compression.window_rows.values()] == [1]
+    llm.engine.abort_request("r")
+    assert llm.engine.compression.window_rows == {} and llm.get_metrics()["kv_blocks_used"] == 0
+
+
+
     _, _, (keep,) = engine_logits(llama_dir, prompts_of([70], 512, seed=11)[0], 2, kv_method="streamingllm", kv_method_config={"budget": 0.25})
     assert keep.tolist() == [[[0, 1, 2, 3, *range(57, 70)]] * 2] * 2  # 17 = floor(70 / 4): 4 sinks, the last 13
 
