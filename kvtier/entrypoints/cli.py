@@ -265,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_flags(serve)
     serve.set_defaults(func=cmd_serve)
     ev = sub.add_parser("eval", help="retrieval accuracy of a KV method beside the full cache, through the engine")
-    ev.add_argument("--task", nargs="+", default=["passkey"], choices=TASKS)
+    ev.add_argument("--task", nargs="+", default=["passkey"], choices=[*TASKS, "agreement"],
+                    help="retrieval tasks, and agreement (top-1 and KL against the full cache along its greedy continuation)")
     ev.add_argument("--context", nargs="+", type=int, default=[2048], help="context lengths in tokens")
     ev.add_argument("--budget", nargs="+", type=_budget, default=None,
                     help="the method's budget(s): fractions in (0, 1] or token counts (default: --kv-method-config's)")

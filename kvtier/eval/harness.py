@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from kvtier.entrypoints.llm import LLM
 from kvtier.errors import InvalidArgumentError
+from kvtier.eval.agreement import agreement, continue_greedily, text_windows
 from kvtier.eval.haystacks import HAYSTACKS
 from kvtier.eval.probe import PROTOCOLS, run_engine_probe
 from kvtier.eval.retrieval import TASKS
@@ -26,6 +27,8 @@ from kvtier.machine import machine_line
 FULL = "full cache"
 JUDGEABLE = 0.5  # below this the full cache itself fails the cell
 MIN_CONTEXT = 64
+AGREEMENT = "agreement"  # not a retrieval task: top-1 agreement and KL with the full cache along its greedy continuation
+AGREEMENT_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -34,16 +37,17 @@ class EvalCell:
     task: str
     context_tokens: int
     trials: int
-    accuracy: float
+    accuracy: float  # for "agreement": the top-1 agreement with the full cache
     by_depth: dict[float, float]
+    kl: float | None = None  # "agreement" only: mean KL(full || method), nats
 
 
 def check_eval_args(kv_method: str, kv_method_config: dict | str | None, budgets: Sequence[float | int], tasks: Sequence[str],
                     contexts: Sequence[int], trials: int, haystack: str, protocol: str = "query-agnostic") -> list[dict | None]:
     """Every run's method config (None: the full cache), checked before anything is loaded; a bad value names its flag."""
     for t in tasks:
-        if t not in TASKS:
-            raise InvalidArgumentError("task", f"must be among {', '.join(TASKS)}; got {t!r}")
+        if t not in (*TASKS, AGREEMENT):
+            raise InvalidArgumentError("task", f"must be among {', '.join((*TASKS, AGREEMENT))}; got {t!r}")
     if not tasks or not contexts:
         raise InvalidArgumentError("task" if not tasks else "context", "give at least one")
     for c in contexts:
@@ -78,6 +82,7 @@ def run_eval(model: str, kv_method: str = NONE, kv_method_config: dict | str | N
     ``protocol``: the question after compression (``query-agnostic``) or inside the compressed prompt (``query-aware``)."""
     runs = check_eval_args(kv_method, kv_method_config, budgets, tasks, contexts, trials, haystack, protocol)
     cells: list[EvalCell] = []
+    reference: dict[int, list] = {}  # context -> the full cache's greedy continuations (the full cache runs first)
     bar = tqdm(total=len(runs) * len(tasks) * len(contexts), desc="kvtier eval", unit="cell")
     for run in runs:
         name = FULL if run is None else f"{kv_method} @ {run['budget']}"
@@ -88,9 +93,13 @@ def run_eval(model: str, kv_method: str = NONE, kv_method_config: dict | str | N
                                        f"the question and answer), got {max(contexts)}")
         for task in tasks:
             for context in contexts:
-                r = run_engine_probe(llm, llm.get_tokenizer(), task, context, trials, sample_seed, protocol=protocol, haystack=haystack)
-                cells.append(EvalCell(name, task, context, r.trials, r.accuracy, r.by_depth))
-                bar.set_postfix_str(f"{name} {task} {context}: {r.accuracy:.0%}")
+                if task == AGREEMENT:
+                    cell = _agreement_cell(llm, name, context, trials, sample_seed, reference)
+                else:
+                    r = run_engine_probe(llm, llm.get_tokenizer(), task, context, trials, sample_seed, protocol=protocol, haystack=haystack)
+                    cell = EvalCell(name, task, context, r.trials, r.accuracy, r.by_depth)
+                cells.append(cell)
+                bar.set_postfix_str(f"{name} {task} {context}: {cell.accuracy:.0%}")
                 bar.update()
         del llm
         gc.collect()
@@ -100,18 +109,33 @@ def run_eval(model: str, kv_method: str = NONE, kv_method_config: dict | str | N
             "cells": [asdict(c) for c in cells]}
 
 
+def _agreement_cell(llm: LLM, name: str, context: int, trials: int, seed: int, reference: dict[int, list]) -> EvalCell:
+    prompts = text_windows(llm, context, trials, seed)
+    if name == FULL:
+        reference[context] = continue_greedily(llm, prompts, AGREEMENT_TOKENS)
+        return EvalCell(name, AGREEMENT, context, trials, 1.0, {}, 0.0)
+    got = continue_greedily(llm, prompts, AGREEMENT_TOKENS, forced=[tokens for tokens, _ in reference[context]])
+    a = agreement(reference[context], got)
+    return EvalCell(name, AGREEMENT, context, trials, a["top1"], {}, a["kl"])
+
+
 def markdown_table(result: dict) -> str:
     """Rows task x context, a column per run, the full cache first; ``*`` marks rows where the full cache scores below 50%."""
     cells = result["cells"]
     methods = list(dict.fromkeys(c["method"] for c in cells))
     rows = list(dict.fromkeys((c["task"], c["context_tokens"]) for c in cells))
     acc = {(c["method"], c["task"], c["context_tokens"]): c["accuracy"] for c in cells}
+    shown = {k: f"{v:.0%}" for k, v in acc.items()}
+    shown.update({(c["method"], c["task"], c["context_tokens"]): f"{c['accuracy']:.0%}, KL {c['kl']:.3f}" for c in cells if c.get("kl") is not None})
     head = (f"{result['model']}, {result['haystack']} haystack, {result['protocol']}, {result['trials']} trials a cell, "
             f"sample seed {result['sample_seed']}")
     lines = [f"{head}; {result['machine']}", "", "| task | context | " + " | ".join(methods) + " |", "| --- | --- |" + " --- |" * len(methods)]
     for task, context in rows:
         mark = " *" if acc[(FULL, task, context)] < JUDGEABLE else ""
-        lines.append(f"| {task}{mark} | {context} | " + " | ".join(f"{acc[(m, task, context)]:.0%}" for m in methods) + " |")
+        lines.append(f"| {task}{mark} | {context} | " + " | ".join(shown[(m, task, context)] for m in methods) + " |")
     if any(acc[(FULL, t, c)] < JUDGEABLE for t, c in rows):
         lines += ["", "\\* the full cache scores below 50% here: no method can be judged on this row"]
+    if any(c.get("kl") is not None for c in cells):
+        lines += ["", f"agreement: top-1 agreement with the full cache's greedy continuation ({AGREEMENT_TOKENS} tokens after held-out "
+                  "text) and the mean KL(full || method) of the next-token distributions, in nats"]
     return "\n".join(lines)

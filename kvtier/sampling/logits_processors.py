@@ -32,3 +32,15 @@ class ForcedTokens:
         forced = torch.full_like(logits, float("-inf"))
         forced[token] = 0.0
         return forced
+
+
+class RecordLogits:
+    """Keep each step's logits as they reach this processor (put it first: the model's own), leaving them unchanged:
+    what a measure comparing next-token distributions reads, such as a KV method's KL from the full cache."""
+
+    def __init__(self) -> None:
+        self.logits: list[torch.Tensor] = []
+
+    def __call__(self, output_token_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        self.logits.append(logits.detach().float().clone())
+        return logits

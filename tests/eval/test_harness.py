@@ -3,9 +3,13 @@ where it evicted the needle; and the arguments it refuses before loading anythin
 
 from __future__ import annotations
 
+import math
+
 import pytest
+import torch
 
 from kvtier.errors import InvalidArgumentError
+from kvtier.eval.agreement import agreement
 from kvtier.eval.harness import FULL, markdown_table, run_eval
 
 
@@ -58,3 +62,23 @@ def test_bad_arguments_fail_at_start_naming_the_flag(kw, field):
     with pytest.raises(InvalidArgumentError) as e:
         run_eval("kvtier-tiny", **{"kv_method": "none", **kw}, kv_cache_memory=1 << 24)
     assert e.value.field == field
+
+
+def test_agreement_is_kl_and_top1_worked_by_hand():
+    """p = (1/2, 1/2) against q = (3/4, 1/4): KL = 1/2 ln(2/3) + 1/2 ln 2 = 0.1438410 nats; same top-1 (token 0). Then a
+    position where the top-1 differs: half the positions agree."""
+    full = [([0], torch.tensor([[0.0, 0.0]])), ([1], torch.tensor([[0.0, 2.0]]))]
+    mine = [([0], torch.tensor([[math.log(3.0), 0.0]])), ([1], torch.tensor([[2.0, 0.0]]))]
+    a = agreement(full[:1], mine[:1])
+    assert a["top1"] == 1.0 and abs(a["kl"] - (0.5 * math.log(2 / 3) + 0.5 * math.log(2))) < 1e-6
+    assert agreement(full, mine)["top1"] == 0.5
+
+
+def test_agreement_with_the_full_cache_through_the_engine():
+    """Along the full cache's greedy continuation of held-out text: a budget covering the prompt agrees everywhere with KL
+    0; keeping a quarter moves the distributions (KL > 0)."""
+    result = run_eval("kvtier-tiny", "streamingllm", None, [1.0, 0.25], ["agreement"], [256], trials=2, dtype="float32", kv_cache_memory=1 << 26)
+    cells = {c["method"]: c for c in result["cells"]}
+    assert cells["streamingllm @ 1.0"]["accuracy"] == 1.0 and cells["streamingllm @ 1.0"]["kl"] < 1e-6
+    assert cells["streamingllm @ 0.25"]["kl"] > 1e-4
+    assert "KL" in markdown_table(result)
