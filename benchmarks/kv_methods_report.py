@@ -16,6 +16,7 @@ from sliding_window import peak_decoding, random_prompts
 
 from kvtier import LLM
 from kvtier.eval.harness import markdown_table, run_eval
+from kvtier.eval.plots import plot_scores
 from kvtier.eval.retrieval import TASKS
 from kvtier.kv_methods.registry import KV_METHODS
 from kvtier.machine import machine_line
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--capacity-prompt-len", type=int, default=2048)
     p.add_argument("--json-out", type=Path)
     p.add_argument("--markdown-out", type=Path)
+    p.add_argument("--plot-out", type=Path, help="score against budget, one line per method (PNG)")
     args = p.parse_args(argv)
     accuracy = [run_eval(args.model, m, None, args.budgets, args.tasks, args.contexts, args.trials, dtype=args.dtype) for m in args.methods]
     mem = capacity(args.model, args.methods, args.capacity_budget, args.capacity_prompt_len, 32, 4, args.dtype)
@@ -65,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         args.json_out.write_text(json.dumps(result, indent=1) + "\n")
     if args.markdown_out:
         args.markdown_out.write_text(table + "\n")
+    if args.plot_out:
+        plot_scores(accuracy, args.plot_out)
     return 0
 
 

@@ -216,6 +216,10 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         Path(ns.json_out).write_text(json.dumps(result, indent=1) + "\n")
     if ns.markdown_out:
         Path(ns.markdown_out).write_text(table + "\n")
+    if ns.plot_out:
+        from kvtier.eval.plots import plot_scores
+
+        plot_scores([result], ns.plot_out)
     return 0
 
 
@@ -277,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sample-seed", type=int, default=0, help="seed of the retrieval samples (--seed seeds the engine)")
     ev.add_argument("--json-out", default=None)
     ev.add_argument("--markdown-out", default=None)
+    ev.add_argument("--plot-out", default=None, help="a PNG of score against budget, a panel per task and context (needs matplotlib)")
     add_engine_flags(ev)
     ev.set_defaults(func=cmd_eval)
     mk = sub.add_parser("make-checkpoint", help="write a random-weight Llama HF checkpoint folder")

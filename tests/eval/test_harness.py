@@ -82,3 +82,20 @@ def test_agreement_with_the_full_cache_through_the_engine():
     assert cells["streamingllm @ 1.0"]["accuracy"] == 1.0 and cells["streamingllm @ 1.0"]["kl"] < 1e-6
     assert cells["streamingllm @ 0.25"]["kl"] > 1e-4
     assert "KL" in markdown_table(result)
+
+
+def test_the_plot_has_a_panel_per_task_and_context(tmp_path):
+    from PIL import Image
+
+    from kvtier.eval.plots import plot_scores
+
+    def cell(method, task, context, acc):
+        return {"method": method, "task": task, "context_tokens": context, "accuracy": acc}
+
+    results = [{"cells": [cell(FULL, "passkey", 512, 1.0), cell("snapkv @ 0.25", "passkey", 512, 0.2), cell("snapkv @ 0.5", "passkey", 512, 0.3),
+                          cell(FULL, "multikey", 512, 0.9), cell("snapkv @ 0.25", "multikey", 512, 0.1), cell("snapkv @ 0.5", "multikey", 512, 0.4)]},
+               {"cells": [cell(FULL, "passkey", 512, 1.0), cell("streamingllm @ 0.25", "passkey", 512, 0.3),
+                          cell(FULL, "multikey", 512, 0.9), cell("streamingllm @ 0.25", "multikey", 512, 0.3)]}]
+    path = plot_scores(results, tmp_path / "scores.png")
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size == (2 * 4 * 110, int(3.2 * 110))

@@ -1,0 +1,41 @@
+"""Score against budget, one line per method and a dashed line for the full cache, as kvpress's leaderboard draws it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvtier.errors import InvalidArgumentError
+from kvtier.eval.harness import FULL
+
+
+def plot_scores(results: list[dict], path: str | Path) -> Path:
+    """One panel per (task, context) of ``kvtier eval`` results (several methods' runs may be given): the method's
+    score at each budget, and the full cache's. Needs matplotlib (``pip install kvtier[train]``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InvalidArgumentError("plot_out", "needs matplotlib: pip install 'kvtier[train]' or matplotlib") from None
+    cells = [c for r in results for c in r["cells"]]
+    panels = list(dict.fromkeys((c["task"], c["context_tokens"]) for c in cells))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for ax, (task, context) in zip(axes[0], panels):
+        here = [c for c in cells if (c["task"], c["context_tokens"]) == (task, context)]
+        full = next(c["accuracy"] for c in here if c["method"] == FULL)
+        ax.axhline(full, color="black", linestyle="--", label=FULL)
+        lines: dict[str, list[tuple[float, float]]] = {}
+        for c in here:
+            if c["method"] != FULL:
+                name, budget = c["method"].rsplit(" @ ", 1)
+                lines.setdefault(name, []).append((float(budget), c["accuracy"]))
+        for name, points in lines.items():
+            ax.plot(*zip(*sorted(points)), marker="o", label=name)
+        ax.set(title=f"{task}, {context} tokens", xlabel="budget (kept)", ylabel="top-1 agreement" if task == "agreement" else "accuracy",
+               ylim=(-0.02, 1.02))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
