@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from kvtier.attention.backend import AttentionBackend
 from kvtier.attention.metadata import AttentionMetadata, DecodeGroup, PrefillSpan, ScheduledTokens, group_by_length, prefill_mask
+from kvtier.cache.ops import token_slots
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -94,9 +95,7 @@ def paged_attention(
 
 
 def _slots(block_ids: list[int], start: int, n: int, block_size: int) -> torch.Tensor:
-    table = torch.tensor(block_ids, dtype=torch.long)
-    pos = torch.arange(start, start + n)
-    return table[pos // block_size] * block_size + pos % block_size
+    return token_slots(torch.tensor(block_ids, dtype=torch.long), torch.arange(start, start + n), block_size)
 
 
 def _first_block(start: int, window: int | None, block_size: int) -> int:

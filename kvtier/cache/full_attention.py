@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from kvtier.cache.block_pool import BlockPool, KVBlock
-from kvtier.cache.ops import CacheOps, Compaction, MoveKind
+from kvtier.cache.ops import CacheOps, Compaction, MoveKind, token_slots
 from kvtier.cache.prefix_cache import BlockHashPrefixCache, PrefixCache
 from kvtier.cache.specs import KVCacheSpec
 
@@ -159,12 +159,11 @@ class FullAttentionManager:
         bs = self.block_size
         old = self.tables[seq_id]
         ids = torch.tensor([-1 if b is None else b.block_id for b in old], dtype=torch.long)
-        src = ids[keep // bs] * bs + keep % bs
+        src = token_slots(ids, keep, bs)
         self.unhold(old)
         table = [self.pool.allocate() for _ in range(self.spec.blocks_for(keep.shape[-1]))]
-        slots = torch.arange(keep.shape[-1])
         new_ids = torch.tensor([b.block_id for b in table], dtype=torch.long)
-        self.ops.compact(Compaction(src, new_ids[slots // bs] * bs + slots % bs))
+        self.ops.compact(Compaction(src, token_slots(new_ids, torch.arange(keep.shape[-1]), bs)))
         self.tables[seq_id] = table
         if self.prefix_cache is not None:
             self.prefix_cache.drop_sequence(seq_id)

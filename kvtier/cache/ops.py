@@ -12,6 +12,11 @@ import torch
 MoveKind = Literal["copy", "swap_out", "swap_in"]  # device -> device (copy-on-write), device -> host, host -> device
 
 
+def token_slots(block_ids: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The flat cache slot of each token position, through a table of block ids (any shape of positions)."""
+    return block_ids[positions // block_size] * block_size + positions % block_size
+
+
 @dataclass(frozen=True)
 class Compaction:
     """Slot ``src[l, h, i]`` of layer l (of the group) and KV head h moves to slot ``dst[i]``; every source is read

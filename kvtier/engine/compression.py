@@ -15,6 +15,7 @@ import dataclasses
 import torch
 
 from kvtier.cache.coordinator import KVCacheCoordinator
+from kvtier.cache.ops import token_slots
 from kvtier.engine.scheduler import Chunk
 from kvtier.engine.sequence import Sequence
 from kvtier.kv_methods.base import KVMethod, PromptCache
@@ -74,11 +75,9 @@ class Compression:
 
     def _keys(self, seq_id: int, layer: int, n: int) -> torch.Tensor:
         """The sequence's first ``n`` keys in ``layer``, [kv_heads, n, head_dim] (a method reads them before compaction)."""
-        bs = self.kv.block_size
         table = torch.tensor(self.kv.block_ids(seq_id)[0], dtype=torch.long)
-        pos = torch.arange(n)
         k_cache = self.caches[layer][0]
-        return k_cache[:, (table[pos // bs] * bs + pos % bs).to(k_cache.device)]
+        return k_cache[:, token_slots(table, torch.arange(n), self.kv.block_size).to(k_cache.device)]
 
     def retire(self, seq_ids: list[int]) -> None:
         """Forget what is held for sequences that ended (finished or aborted, perhaps mid-window)."""

@@ -28,7 +28,7 @@ class StepLogits:
     # method evicted tokens; 0 where it sees none);
     # only when asked for (``execute(..., decode_probs=True)``)
     decode_probs: dict[int, torch.Tensor] = field(default_factory=dict)
-    # seq_id -> per attention layer the queries (after RoPE) of the rows asked for (``execute(..., query_rows=...)``)
+    # seq_id -> per attention layer the queries (after RoPE) of the rows its ``SchedulerOutput.query_rows`` asked for
     queries: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
 
