@@ -29,21 +29,36 @@ from kvtier.sampling_params import SamplingParams
 
 
 def peak_decoding(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> dict:
-    """Run ``prompts`` greedily to ``max_tokens`` each; the most requests decoding at once and the most blocks in use."""
+    """Run ``prompts`` greedily to ``max_tokens`` each; the most requests decoding at once, the most blocks in use, and
+    the throughput overall and of the steps that only decode (no prompt chunk scheduled)."""
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     for p in prompts:
         engine.add_request({"prompt_token_ids": p}, params)
-    peak = blocks = 0
+    peak = blocks = decode_tokens = 0
+    decode_seconds = 0.0
+    schedule, decode_step = engine.scheduler.schedule, [False]
+
+    def watched():  # whether the step the scheduler plans holds decodes only (no prompt chunk)
+        plan = schedule()
+        decode_step[0] = bool(plan.chunks) and all(c.start >= c.seq.prompt_len for c in plan.chunks)
+        return plan
+
+    engine.scheduler.schedule = watched
     start = time.perf_counter()
     while engine.has_unfinished_requests():
+        before, t0 = engine.counters["generation_tokens"], time.perf_counter()
         engine.step()
+        if decode_step[0]:
+            decode_seconds += time.perf_counter() - t0
+            decode_tokens += engine.counters["generation_tokens"] - before
         decoding = sum(all(s.num_computed_tokens >= s.prompt_len for s in r.live_seqs) for r in engine.scheduler.running)
         peak = max(peak, decoding)
         blocks = max(blocks, engine_metrics(engine, with_waste=False)["kv_blocks_used"])
     wall = time.perf_counter() - start
     left = engine_metrics(engine, with_waste=False)["kv_blocks_used"]
     return {"requests": len(prompts), "peak_decoding": peak, "peak_blocks": blocks, "blocks_left": left, "seconds": round(wall, 2),
-            "output_tokens_per_s": round(len(prompts) * max_tokens / wall, 1)}
+            "output_tokens_per_s": round(len(prompts) * max_tokens / wall, 1),
+            "decode_only_tokens_per_s": round(decode_tokens / decode_seconds, 1) if decode_seconds else None}
 
 
 def random_prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:

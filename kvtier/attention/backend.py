@@ -3,11 +3,12 @@
 One backend is chosen by name for the whole engine (``--attention-backend``). The model runner asks it
 once per step to lay out the step's tokens and build its metadata for each layer group (``plan``), and
 every attention layer calls its ``forward`` with its group's metadata. A backend owns its metadata
-because what is worth precomputing depends on how it reads the cache. KV methods extend this interface rather than the model code. A decode step's
-attention probabilities already go to whoever asks (``AttentionMetadata.decode_probs``, surfaced by
-``ModelRunner.execute(..., decode_probs=True)``); reading a chosen subset of blocks or tokens per KV
-head (a decode row already gathers from its own ``key_start``) and K and V in different tiers (they
-already come as separate tensors) arrive with the methods that use them.
+because what is worth precomputing depends on how it reads the cache. KV methods extend this interface rather than the
+model code: a layer's cache comes with what the method keeps beside K and V (``LayerCache``), and a decode step calls
+the method's hooks (``AttentionMetadata.kv_method``) to choose the blocks each KV head reads (Quest) and to see the
+attention each cache slot received (H2O). A decode step's attention probabilities also go to whoever asks
+(``AttentionMetadata.decode_probs``, surfaced by ``ModelRunner.execute(..., decode_probs=True)``). K and V in
+different tiers (they already come as separate tensors) arrive with the method that uses them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import ClassVar
 import torch
 
 from kvtier.attention.metadata import AttentionMetadata, ScheduledTokens
+from kvtier.cache.layer_cache import LayerCache
 
 
 class AttentionBackend(ABC):
@@ -31,6 +33,6 @@ class AttentionBackend(ABC):
         layout over the group's block tables, in ``windows``' order."""
 
     @abstractmethod
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache, meta: AttentionMetadata,
+                scale: float) -> torch.Tensor:
         """Write this step's K/V [T, Hkv, D] into the layer's cache, then attend: q [T, H, D] -> [T, H, D]."""

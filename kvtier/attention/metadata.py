@@ -8,8 +8,11 @@ blocks its window reaches: its gathers start at ``key_start``, not at position 0
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
+
+from kvtier.cache.layer_cache import LayerCache
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,27 @@ class AttentionMetadata:
     # appends q at those rows, [rows, heads, head_dim]
     query_rows: torch.Tensor | None = None
     queries: list[torch.Tensor] | None = None
+    # the engine's KV method when it acts inside decode attention (chooses the blocks each KV head reads, or scores keys)
+    kv_method: DecodeHooks | None = None
+
+
+@dataclass(frozen=True)
+class BlockSelection:
+    """The blocks each KV head of a decode group reads, chosen by a KV method: per head, every row's chosen block ids
+    and which of their keys the row may see."""
+
+    block_ids: torch.Tensor  # [kv_heads, size * chosen] flattened like DecodeGroup.block_ids
+    mask: torch.Tensor  # [kv_heads, size, 1, chosen * block_size]
+
+
+class DecodeHooks(Protocol):
+    """What a KV method does inside a decode step's attention, layer by layer (``kvtier.kv_methods.base.KVMethod``)."""
+
+    observes_decode: bool
+
+    def select_blocks(self, q: torch.Tensor, cache: LayerCache, group: DecodeGroup) -> BlockSelection | None: ...
+
+    def observe_decode(self, cache: LayerCache, head: int, slots: torch.Tensor, probs: torch.Tensor) -> None: ...
 
 
 def prefill_mask(span: PrefillSpan, window: int | None) -> torch.Tensor:

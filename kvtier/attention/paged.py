@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from kvtier.attention.backend import AttentionBackend
-from kvtier.attention.metadata import AttentionMetadata, DecodeGroup, PrefillSpan, ScheduledTokens, group_by_length, prefill_mask
+from kvtier.attention.metadata import AttentionMetadata, DecodeGroup, DecodeHooks, PrefillSpan, ScheduledTokens, group_by_length, prefill_mask
+from kvtier.cache.layer_cache import LayerCache, summarize_blocks
 from kvtier.cache.ops import token_slots
 
 
@@ -31,24 +32,29 @@ def _gather(cache_head: torch.Tensor, block_ids: torch.Tensor, batch: int, block
     return F.embedding(block_ids, table).view(batch, -1, dim)
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup, scale: float,
-                     probs_out: list[torch.Tensor] | None = None) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, cache: LayerCache, group: DecodeGroup, scale: float, probs_out: list[torch.Tensor] | None = None,
+                     hooks: DecodeHooks | None = None) -> torch.Tensor:
     """q [B, H, D] -> [B, H, D]: one query per sequence, one KV head at a time. With ``probs_out``, append the
-    attention probabilities [B, H, L] (fp32, over ``group.key_positions()``)."""
+    attention probabilities [B, H, L] (fp32, over ``group.key_positions()``). A KV method's ``hooks`` may choose the
+    blocks each KV head reads and see the probabilities over the cache slots they came from."""
     batch, num_heads, dim = q.shape
-    num_kv = k_cache.shape[0]
+    num_kv = cache.k.shape[0]
     per_kv = num_heads // num_kv
     qd = q.view(batch, num_kv, per_kv, dim)
     out = torch.empty_like(qd)
-    mask = group.mask()
+    chosen = None if hooks is None else hooks.select_blocks(q, cache, group)
     heads = []
     for h in range(num_kv):
-        keys = _gather(k_cache[h], group.block_ids, batch, group.block_size)
-        values = _gather(v_cache[h], group.block_ids, batch, group.block_size)
+        block_ids = group.block_ids if chosen is None else chosen.block_ids[h]
+        keys = _gather(cache.k[h], block_ids, batch, group.block_size)
+        values = _gather(cache.v[h], block_ids, batch, group.block_size)
         scores = torch.bmm(qd[:, h], keys.transpose(1, 2)).mul_(scale)
-        scores.masked_fill_(~mask, float("-inf"))
+        scores.masked_fill_(~(group.mask() if chosen is None else chosen.mask[h]), float("-inf"))
         probs = scores.softmax(-1, dtype=torch.float32)
         torch.bmm(probs.to(q.dtype), values, out=out[:, h])
+        if hooks is not None and hooks.observes_decode:
+            slots = (block_ids.view(batch, -1, 1) * group.block_size + torch.arange(group.block_size, device=q.device)).flatten(1)
+            hooks.observe_decode(cache, h, slots, probs)
         if probs_out is not None:
             heads.append(probs)
     if probs_out is not None:
@@ -56,17 +62,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out.view(batch, num_heads, dim)
 
 
-def paged_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    meta: AttentionMetadata,
-    scale: float,
-) -> torch.Tensor:
-    """Write this step's K/V into the cache, then attend. q [T, H, D], k/v [T, Hkv, D] -> [T, H, D]."""
-    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Write this step's K/V into the cache (and clear or update what a KV method keeps beside them), then attend.
+    q [T, H, D], k/v [T, Hkv, D] -> [T, H, D]."""
+    write_kv(cache.k, cache.v, k, v, meta.slot_mapping)
+    if cache.slot_stats is not None:
+        cache.slot_stats[:, meta.slot_mapping] = 0.0  # a new token has received no attention yet
+    if cache.block_summary is not None:
+        summarize_blocks(cache.k, cache.block_summary, meta.slot_mapping)
     if meta.query_rows is not None:
         meta.queries.append(q.index_select(0, meta.query_rows))
     num_tokens, num_heads, head_dim = q.shape
@@ -76,7 +79,7 @@ def paged_attention(
     probs = None if meta.decode_probs is None else []
     for g in meta.decode_groups:
         rows = slice(g.start, g.start + g.size)
-        out[rows] = decode_attention(q[rows], k_cache, v_cache, g, scale, probs)
+        out[rows] = decode_attention(q[rows], cache, g, scale, probs, meta.kv_method)
     if probs is not None:
         meta.decode_probs.append(probs)
     for span in meta.prefills:
@@ -84,7 +87,7 @@ def paged_attention(
         if span.slots is None:
             kc, vc = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
         else:
-            kc, vc = k_cache.index_select(1, span.slots), v_cache.index_select(1, span.slots)
+            kc, vc = cache.k.index_select(1, span.slots), cache.v.index_select(1, span.slots)
         # [Hkv, group * Lq, D] queries; the mask repeats for every head of the group.
         qp = q[rows].view(span.query_len, num_kv, group, head_dim).permute(1, 2, 0, 3)
         qp = qp.reshape(num_kv, group * span.query_len, head_dim)
@@ -149,6 +152,6 @@ class PagedAttentionBackend(AttentionBackend):
             offset += s.num_tokens
         return AttentionMetadata(slots, len(decodes), _decode_groups(decodes, group, window, block_size, device), spans, window)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        return paged_attention(q, k, v, k_cache, v_cache, meta, scale)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache, meta: AttentionMetadata,
+                scale: float) -> torch.Tensor:
+        return paged_attention(q, k, v, cache, meta, scale)

@@ -69,7 +69,7 @@ class KVCacheCoordinator:
     # ---- prefix hits ---------------------------------------------------------------------
     def computed_prefix(self, token_ids: Sequence[int]) -> PrefixHit:
         """The longest prefix of whole blocks every group can reuse, leaving at least one token to compute."""
-        n = (len(token_ids) - 1) // self.block_size
+        n = max(0, len(token_ids) - 1) // self.block_size
         known = [m.cached_prefix(token_ids, n) for m in self.managers]
         while True:  # each group's longest hit within n; a shorter one bounds the others, until all agree
             shortest = min(m.hit_length(k, n) for m, k in zip(self.managers, known))

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from kvtier.cache.layer_cache import LayerCache, summarize_blocks
 from kvtier.cache.memory_plan import GroupPlan, MemoryPlan
 from kvtier.cache.ops import CacheOps, Compaction, MoveKind
 from kvtier.cache.specs import FullAttentionSpec, KVCacheSpec, MambaSpec, SlidingWindowSpec
@@ -37,21 +38,30 @@ class GroupStorage(ABC):
 
 class AttentionStorage(GroupStorage):
     """K and V of the group's layers as [layers, 2, kv_heads, num_blocks * block_size, head_dim]; a block id means
-    the same slots in every layer of the group."""
+    the same slots in every layer of the group. What the spec asks a KV method to keep beside them (per-slot stats,
+    per-block key summaries) is laid out the same way and moves with them."""
 
     def __init__(self, gp: GroupPlan, block_size: int, device: torch.device) -> None:
         spec: FullAttentionSpec = gp.group.spec
         self.block_size = block_size
-        shape = (len(gp.group.layers), 2, spec.num_kv_heads)
-        # zeros, not empty: padded gathers read unused slots, and NaN garbage would leak through masks
-        self.device = torch.zeros(*shape, gp.num_blocks * block_size, spec.head_dim, dtype=spec.dtype, device=device)
-        self.host = torch.zeros(*shape, gp.num_host_blocks * block_size, spec.head_dim, dtype=spec.dtype, pin_memory=device.type == "cuda")
+        layers, heads, pin = len(gp.group.layers), spec.num_kv_heads, device.type == "cuda"
+        slots, host_slots = gp.num_blocks * block_size, gp.num_host_blocks * block_size
 
-    def layer_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(kv[0], kv[1]) for kv in self.device]
+        def pools(shape: tuple[int, ...], host_shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+            # zeros, not empty: padded gathers read unused slots, and NaN garbage would leak through masks
+            return (torch.zeros(layers, *shape, dtype=dtype, device=device), torch.zeros(layers, *host_shape, dtype=dtype, pin_memory=pin))
+
+        self.device, self.host = pools((2, heads, slots, spec.head_dim), (2, heads, host_slots, spec.head_dim), spec.dtype)
+        self.stats = pools((heads, slots), (heads, host_slots), torch.float32) if spec.slot_stats else None
+        self.summary = (pools((heads, gp.num_blocks, 2, spec.head_dim), (heads, gp.num_host_blocks, 2, spec.head_dim), spec.dtype)
+                        if spec.block_summary else None)
+
+    def layer_caches(self) -> list[LayerCache]:
+        return [LayerCache(kv[0], kv[1], None if self.stats is None else self.stats[0][i], None if self.summary is None else self.summary[0][i])
+                for i, kv in enumerate(self.device)]
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.device, self.host]
+        return [self.device, self.host, *(self.stats or ()), *(self.summary or ())]
 
     def _slots(self, blocks: list[int], device: torch.device) -> torch.Tensor:
         ids = torch.tensor(blocks, dtype=torch.long, device=device)
@@ -62,12 +72,25 @@ class AttentionStorage(GroupStorage):
         s = self._slots([p[0] for p in pairs], src.device)
         d = self._slots([p[1] for p in pairs], dst.device)
         dst[:, :, :, d] = src[:, :, :, s].to(dst.device)
+        if self.stats is not None:
+            src, dst = _spaces(*self.stats)[kind]
+            dst[:, :, d] = src[:, :, s].to(dst.device)
+        if self.summary is not None:
+            src, dst = _spaces(*self.summary)[kind]
+            sb = torch.tensor([p[0] for p in pairs], dtype=torch.long, device=src.device)
+            db = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=dst.device)
+            dst[:, :, db] = src[:, :, sb].to(dst.device)
 
     def compact(self, compaction: Compaction) -> None:
         src, dst = compaction.src.to(self.device.device), compaction.dst.to(self.device.device)
         heads = torch.arange(src.shape[1], device=src.device)[:, None]
         for layer, kv in enumerate(self.device):  # kv [2, kv_heads, slots, head_dim]
             kv[:, :, dst] = kv[:, heads, src[layer]]  # the gather copies every kept row before the write
+            if self.stats is not None:
+                stats = self.stats[0][layer]
+                stats[:, dst] = stats[heads, src[layer]]
+            if self.summary is not None:
+                summarize_blocks(kv[0], self.summary[0][layer], dst)
 
 
 class StateStorage(GroupStorage):

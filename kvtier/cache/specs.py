@@ -64,11 +64,24 @@ class FullAttentionSpec(KVCacheSpec):
     num_kv_heads: int
     head_dim: int
     dtype: torch.dtype
+    # what a KV method keeps beside K and V (kvtier.cache.layer_cache.LayerCache): an fp32 number per token and KV head
+    # (H2O's accumulated attention), and each block's elementwise min and max of its keys (Quest's)
+    slot_stats: bool = False
+    block_summary: bool = False
 
     @property
     def bytes_per_token(self) -> int:
-        """K and V of one token in one layer."""
-        return 2 * self.num_kv_heads * self.head_dim * torch.tensor([], dtype=self.dtype).element_size()
+        """K and V of one token in one layer, and the method's numbers for it."""
+        return self.num_kv_heads * (2 * self.head_dim * self._element_size + (4 if self.slot_stats else 0))
+
+    @property
+    def bytes_per_block(self) -> int:
+        summary = 2 * self.num_kv_heads * self.head_dim * self._element_size if self.block_summary else 0
+        return self.bytes_per_token * self.block_size + summary
+
+    @property
+    def _element_size(self) -> int:
+        return torch.tensor([], dtype=self.dtype).element_size()
 
     def max_blocks(self, num_tokens: int, max_chunk: int) -> int:
         return blocks_needed(num_tokens, self.block_size)
@@ -146,9 +159,11 @@ class KVCacheGroup:
 
 
 def kv_cache_groups(cfg: ModelConfig, block_size: int, dtype: torch.dtype,
-                    mamba_dtypes: tuple[torch.dtype, torch.dtype] | None = None) -> list[KVCacheGroup]:
+                    mamba_dtypes: tuple[torch.dtype, torch.dtype] | None = None, slot_stats: bool = False,
+                    block_summary: bool = False) -> list[KVCacheGroup]:
     """One group per distinct per-layer cache kind, in order of first appearance. A hybrid's Mamba2 layers keep
-    their conv and SSM states in ``mamba_dtypes`` (default: ``dtype``)."""
+    their conv and SSM states in ``mamba_dtypes`` (default: ``dtype``). ``slot_stats`` and ``block_summary``: what the
+    engine's KV method keeps beside full attention's K and V."""
     layers: dict[KVCacheSpec, list[int]] = {}
     for i, window in enumerate(cfg.sliding_windows):
         if i in cfg.mlp_layers:
@@ -158,8 +173,8 @@ def kv_cache_groups(cfg: ModelConfig, block_size: int, dtype: torch.dtype,
             conv_dtype, ssm_dtype = mamba_dtypes or (dtype, dtype)
             spec: KVCacheSpec = MambaSpec(block_size, (m.conv_dim, m.conv_kernel - 1), (m.num_heads, m.head_dim, m.state_size), conv_dtype, ssm_dtype)
         elif window is None:
-            spec = FullAttentionSpec(block_size, cfg.num_key_value_heads, cfg.head_dim, dtype)
+            spec = FullAttentionSpec(block_size, cfg.num_key_value_heads, cfg.head_dim, dtype, slot_stats, block_summary)
         else:
-            spec = SlidingWindowSpec(block_size, cfg.num_key_value_heads, cfg.head_dim, dtype, window)
+            spec = SlidingWindowSpec(block_size, cfg.num_key_value_heads, cfg.head_dim, dtype, window=window)
         layers.setdefault(spec, []).append(i)
     return [KVCacheGroup(spec, tuple(ids)) for spec, ids in layers.items()]

@@ -57,7 +57,9 @@ class LLMEngine:
         budget = args.max_num_batched_tokens or (2048 if args.enable_chunked_prefill else self.max_model_len)
         if not args.enable_chunked_prefill and budget < self.max_model_len:
             raise InvalidArgumentError("max_num_batched_tokens", f"must be >= max_model_len ({self.max_model_len}) without chunked prefill, got {budget}")
-        groups = kv_cache_groups(cfg, args.block_size, dtype, self._mamba_dtypes(dtype))
+        method = self._kv_method()
+        groups = kv_cache_groups(cfg, args.block_size, dtype, self._mamba_dtypes(dtype), method is not None and method.slot_stats,
+                                 method is not None and method.block_summary)
         swap = int(args.swap_space * GiB) if args.preemption_mode == "swap" else 0
         self.memory_plan = MemoryPlan.split(groups, kv_budget_bytes(args, cfg, self.device), swap, self.max_model_len, budget,
                                             args.mamba_full_memory_ratio)
@@ -65,16 +67,17 @@ class LLMEngine:
         self.kv = KVCacheCoordinator(self.memory_plan, budget, self._prefix_caching(), args.prefix_caching_hash_algo)
         self.storage = KVStorage(self.memory_plan, self.device)
         self.scheduler = Scheduler(self.kv, args.max_num_seqs, budget, args.enable_chunked_prefill, args.preemption_mode)
-        self.runner = ModelRunner(self.model, self.storage, [g.spec for g in groups], self.device, self.attention)
+        self.runner = ModelRunner(self.model, self.storage, [g.spec for g in groups], self.device, self.attention,
+                                  method if method is not None and method.decode_hooks else None)
         self.inputs = InputProcessor(self.tokenizer, cfg.vocab_size, self.max_model_len, self.kv, args.max_logprobs)
         self.sampler = Sampler()
         self.output = OutputProcessor(self.tokenizer, self.max_model_len)
         self.branching = Branching(self.kv, self.tokenizer, self.output.start, self._generator, self.max_model_len)
         self.checkpoints = Checkpoints(self.kv)
-        self.compression = Compression(self._kv_method(), self.kv, cfg.num_hidden_layers, cfg.num_key_value_heads, self.runner.kv_caches)
+        self.compression = Compression(method, self.kv, cfg.num_hidden_layers, cfg.num_key_value_heads, self.runner.kv_caches)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
-        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0, "requests_aborted": 0}
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0, "requests_aborted": 0, "kv_bytes_read": 0}
 
     def _mamba_dtypes(self, dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
         """A hybrid's (conv, SSM) state dtypes from vLLM's two flags; "auto" follows the model, then the first flag."""
@@ -181,11 +184,25 @@ class LLMEngine:
                 self._add_prompt_logprobs(c.request, c.start, logits.prompt[c.seq.seq_id])
             if not c.seq.num_evicted:  # a compressed cache is no prefix of anything: never offered to others
                 self.kv.cache_computed(c.seq.seq_id, c.seq.token_ids, c.seq.num_computed_tokens)
+            if c.num_tokens == 1:
+                self.counters["kv_bytes_read"] += self._decode_bytes_read(c.seq.num_cached_slots)
             self.checkpoints.after_chunk(c.request, c.seq)
             self.compression.after_chunk(c.seq, logits.queries.get(c.seq.seq_id))
         if plan.to_sample:
             self._sample(plan.to_sample, logits.last)
         return self._finish_and_emit(plan)
+
+    def _decode_bytes_read(self, num_slots: int) -> int:
+        """The K/V bytes one decode token's attention reads from a cache of ``num_slots`` tokens: every slot (a sliding
+        window's last ones), or what the KV method says it reads."""
+        total = 0
+        for g in self.memory_plan.groups:
+            spec = g.group.spec
+            if spec.bytes_per_token:  # a Mamba2 state is read whole whatever the length: not K/V
+                rows = num_slots if spec.sliding_window is None else min(num_slots, spec.sliding_window)
+                method = self.compression.method
+                total += (rows if method is None else method.tokens_read(rows, spec.block_size)) * g.group.bytes_per_token
+        return total
 
     def _add_prompt_logprobs(self, req: Request, start: int, logits: torch.Tensor) -> None:
         """Logits at position i score prompt token i+1; position 0 has no logprob (None, as vLLM)."""

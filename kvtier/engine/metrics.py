@@ -60,6 +60,7 @@ def engine_metrics(engine: LLMEngine, with_waste: bool = True) -> dict[str, floa
         "kv_host_blocks_total": sum(m.host_pool.num_blocks for m in tokens),
         "kv_host_blocks_used": sum(_used(m.host_pool) for m in tokens),
         "kv_bytes_per_token": plan.bytes_per_token,
+        "kv_bytes_read": engine.counters["kv_bytes_read"],  # by decode attention, so far (a KV method's selection counted)
     }
     if state:
         out.update({

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from kvtier.attention.backend import AttentionBackend
-from kvtier.attention.metadata import AttentionMetadata, ScheduledTokens
+from kvtier.attention.metadata import AttentionMetadata, DecodeHooks, ScheduledTokens
 from kvtier.cache.kv_storage import KVStorage
 from kvtier.cache.specs import KVCacheSpec, MambaSpec
 from kvtier.engine.scheduler_output import SchedulerOutput
@@ -33,10 +33,13 @@ class StepLogits:
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, storage: KVStorage, specs: list[KVCacheSpec], device: torch.device, backend: AttentionBackend) -> None:
-        """``specs``: each layer group's cache spec, in the storage's group order."""
+    def __init__(self, model: nn.Module, storage: KVStorage, specs: list[KVCacheSpec], device: torch.device, backend: AttentionBackend,
+                 decode_hooks: DecodeHooks | None = None) -> None:
+        """``specs``: each layer group's cache spec, in the storage's group order. ``decode_hooks``: the engine's KV method,
+        when it acts inside decode attention."""
         self.model = model
         self.backend = backend
+        self.decode_hooks = decode_hooks
         self.storage = storage
         self.specs = specs
         self.state_groups = [g for g, spec in enumerate(specs) if isinstance(spec, MambaSpec)]
@@ -56,8 +59,9 @@ class ModelRunner:
             return StepLogits({}, {})
         windows = {g: self.specs[g].sliding_window for g in self.attention_groups}
         ordered, attention = self.backend.plan(list(step.seqs), self.block_size, windows, self.device)
-        if decode_probs:
-            for meta in attention:
+        for meta in attention:
+            meta.kv_method = self.decode_hooks
+            if decode_probs:
                 meta.decode_probs = []
         asked = self._ask_queries(ordered, attention, step.query_rows) if step.query_rows else []
         group_metas = dict(zip(self.attention_groups, attention))

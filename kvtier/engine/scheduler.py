@@ -144,6 +144,7 @@ class Scheduler:
         for s in req.live_seqs:
             self.kv.free(s.seq_id)
             s.num_computed_tokens = s.num_evicted = 0  # recomputed in full, then compressed again where it was
+            s.slot_positions = None
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)
 

@@ -40,6 +40,9 @@ class Sequence:
     compress_at: int | None = None  # where a KV method evicts (the prompt's end); a chunk stops there, recomputed or not
     compute_from: int | None = None  # a prefix hit stops here: a KV method reads the queries of the tokens from here on
     num_evicted: int = 0  # tokens a KV method dropped from the cache: token at position p >= the prompt's end is in slot p - num_evicted
+    # per layer and KV head, the position of the token in each cache slot at the last compaction ([layers, kv_heads, slots]);
+    # a slot past them holds the token at its index + num_evicted. None until a KV method evicts.
+    slot_positions: torch.Tensor | None = None
 
     def until_checkpoint(self, n: int) -> int:
         """``n`` new tokens, or fewer so that a chunk stops at the next checkpoint or compression position."""
@@ -73,6 +76,7 @@ class Sequence:
             compress_at=self.compress_at,
             compute_from=self.compute_from,
             num_evicted=self.num_evicted,
+            slot_positions=self.slot_positions,
             cumulative_logprob=self.cumulative_logprob,
             logprobs=None if self.logprobs is None else list(self.logprobs),
             text=self.text,

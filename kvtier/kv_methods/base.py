@@ -3,19 +3,28 @@
 Like kvpress's presses, a method is a small class with a dataclass config; unlike a press it acts on the
 engine's paged cache, so what it evicts goes back to the pool. The engine asks it at fixed points of a
 sequence's life and does the cache work itself (compaction, block tables, copy-on-write), so a method only
-scores and chooses. Hooks arrive with the methods that need them: after prefill (evict) is the first.
+scores and chooses:
+
+- ``after_prefill``: once the prompt is in the cache, the positions each layer and KV head keeps (StreamingLLM,
+  SnapKV, H2O);
+- ``select_blocks``: inside each decode step's attention, the blocks each KV head reads (Quest);
+- ``observe_decode``: inside each decode step's attention, the probabilities each cache slot received (H2O);
+- ``after_decode``: after each decode step, the cache slots to keep (H2O's eviction as the cache grows).
+
+What a method keeps beside K and V (``slot_stats``, ``block_summary``) is allocated, moved and accounted with them.
 """
 
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
+from kvtier.attention.metadata import BlockSelection, DecodeGroup
+from kvtier.cache.layer_cache import LayerCache
 from kvtier.errors import InvalidArgumentError
 
 
@@ -39,33 +48,76 @@ class KVMethodConfig:
         return min(context, int(self.budget))
 
 
+ALL_QUERIES = 1 << 62  # a ``KVMethod.window`` that reads every query of the prompt
+
+
 @dataclass(frozen=True)
 class PromptCache:
     """What a method may read of a sequence whose prompt is all in the cache: its size, each layer's prompt keys
-    (after RoPE) and the queries (after RoPE) of the prompt's last ``KVMethod.window`` tokens."""
+    (after RoPE), the queries (after RoPE) of the prompt's last ``KVMethod.window`` tokens, and where to store a
+    method's per-token numbers (``slot_stats``) for the prompt's tokens."""
 
     num_tokens: int
     num_layers: int
     num_kv_heads: int
     keys: Callable[[int], torch.Tensor]  # layer -> [kv_heads, num_tokens, head_dim]
     window_queries: Callable[[int], torch.Tensor]  # layer -> [min(window, num_tokens), heads, head_dim]
+    write_stats: Callable[[int, torch.Tensor], None]  # (layer, [kv_heads, num_tokens] fp32)
 
 
-class KVMethod(ABC):
+@dataclass(frozen=True)
+class DecodeCache:
+    """What a method may read of a decoding sequence's cache: the tokens it has computed, the cache slots they take
+    (fewer once some were evicted), and per layer the per-slot numbers (``slot_stats``) and each slot's position."""
+
+    num_tokens: int
+    num_slots: int
+    num_layers: int
+    num_kv_heads: int
+    block_size: int
+    stats: Callable[[int], torch.Tensor]  # layer -> [kv_heads, num_slots] fp32
+    positions: Callable[[int], torch.Tensor]  # layer -> [kv_heads, num_slots]: the position of the token in each slot
+
+
+class KVMethod:
     """One KV-cache method; the engine builds one per engine from its config."""
 
     name: ClassVar[str]
     config_class: ClassVar[type[KVMethodConfig]] = KVMethodConfig
+    slot_stats: ClassVar[bool] = False  # keeps an fp32 number per token and KV head beside K and V
+    block_summary: ClassVar[bool] = False  # keeps each block's elementwise key min and max
+    decode_hooks: ClassVar[bool] = False  # acts inside decode attention (``select_blocks``, ``observe_decode``)
+    observes_decode: ClassVar[bool] = False
 
     def __init__(self, config: KVMethodConfig) -> None:
         self.config = config
 
     @property
     def window(self) -> int:
-        """How many of the prompt's last queries ``after_prefill`` reads; the engine keeps them during the prefill."""
+        """How many of the prompt's last queries ``after_prefill`` reads (``ALL_QUERIES``: all); the engine keeps them
+        during the prefill."""
         return 0
 
-    @abstractmethod
     def after_prefill(self, prompt: PromptCache) -> torch.Tensor | None:
         """The prompt positions each layer and KV head keeps once the whole prompt is in the cache, as
         [num_layers, num_kv_heads, kept] ascending (the same count everywhere); None keeps them all."""
+        return None
+
+    def select_blocks(self, q: torch.Tensor, cache: LayerCache, group: DecodeGroup) -> BlockSelection | None:
+        """Before one layer's decode attention over ``group`` (queries q [rows, heads, head_dim]): the blocks each KV
+        head reads; None reads every block."""
+        return None
+
+    def observe_decode(self, cache: LayerCache, head: int, slots: torch.Tensor, probs: torch.Tensor) -> None:
+        """After one layer's decode attention for KV ``head``: ``probs`` [rows, group's query heads, keys] (fp32) over
+        the cache ``slots`` [rows, keys] it read (0 where a row sees no key)."""
+
+    def after_decode(self, cache: DecodeCache) -> torch.Tensor | None:
+        """After a decode step, the cache slots each layer and KV head keeps, [num_layers, num_kv_heads, kept]
+        ascending; None keeps them all."""
+        return None
+
+    def tokens_read(self, num_slots: int, block_size: int) -> int:
+        """K/V rows one decode query reads per layer and KV head from a cache of ``num_slots`` (the method's own reads
+        included): what a step's attention costs in memory traffic."""
+        return num_slots

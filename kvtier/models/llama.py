@@ -11,6 +11,7 @@ from torch import nn
 
 from kvtier.attention.backend import AttentionBackend
 from kvtier.attention.metadata import AttentionMetadata
+from kvtier.cache.layer_cache import LayerCache
 from kvtier.models.causal_lm import CausalLM
 from kvtier.models.config import ModelConfig
 from kvtier.models.layers import GatedMLP, RMSNorm
@@ -39,7 +40,7 @@ class Attention(nn.Module):
     def shard_sizes(self) -> list[int]:
         return [self.q_size, self.kv_size, self.kv_size]
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv: LayerCache, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(self.shard_sizes(), dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -48,7 +49,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
             q, k = self.rotary(positions, q, k)
-        out = self.backend.forward(q, k, v, kv[0], kv[1], meta, self.scale)
+        out = self.backend.forward(q, k, v, kv, meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
@@ -60,7 +61,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv: LayerCache, meta: AttentionMetadata) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), positions, kv, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 

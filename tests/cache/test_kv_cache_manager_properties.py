@@ -31,7 +31,7 @@ WINDOW = 6  # of the sliding-window machine: between one and two blocks, so wind
 
 def coordinator(num_blocks: int, window: int | None = None, hash_algo: str = "sha256") -> KVCacheCoordinator:
     """One layer group of ``num_blocks`` blocks (1 layer, 1 KV head of dimension 1, fp32: 32 bytes a block)."""
-    spec = (FullAttentionSpec(BLOCK, 1, 1, torch.float32) if window is None else SlidingWindowSpec(BLOCK, 1, 1, torch.float32, window))
+    spec = (FullAttentionSpec(BLOCK, 1, 1, torch.float32) if window is None else SlidingWindowSpec(BLOCK, 1, 1, torch.float32, window=window))
     plan = MemoryPlan.split([KVCacheGroup(spec, (0,))], num_blocks * 32, 0, 4096, 64)
     assert plan.groups[0].num_blocks == num_blocks
     return KVCacheCoordinator(plan, 64, enable_prefix_caching=True, prefix_caching_hash_algo=hash_algo)

@@ -29,14 +29,15 @@ def kept_positions(full: torch.Tensor, kept: torch.Tensor) -> list[list[int]]:
 @torch.no_grad()
 def main() -> None:
     req = json.load(sys.stdin)
-    model = AutoModelForCausalLM.from_pretrained(req["model"], dtype=torch.float32).eval()
+    observed = req["press"] == "ObservedAttentionPress"  # scores the attention weights: eager attention must return them
+    model = AutoModelForCausalLM.from_pretrained(req["model"], dtype=torch.float32, **({"attn_implementation": "eager"} if observed else {})).eval()
     ids = torch.tensor([req["prompt"]])
     full = DynamicCache()
     model(ids, past_key_values=full, use_cache=True)
     press = getattr(kvpress, req["press"])(**req["kwargs"])
     cache = DynamicCache()
     with press(model):
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, past_key_values=cache, use_cache=True, **({"output_attentions": True} if observed else {}))
     kept = [kept_positions(f.keys, c.keys) for f, c in zip(full.layers, cache.layers)]
     out = model(torch.tensor([[req["next"]]]), position_ids=torch.tensor([[len(req["prompt"])]]), past_key_values=cache, use_cache=True)
     json.dump({"kept": kept, "logits": out.logits[0, -1].tolist()}, sys.stdout)

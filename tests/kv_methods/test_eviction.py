@@ -113,7 +113,8 @@ def test_an_abort_mid_window_leaves_nothing_behind(llama_dir):
 
 
 @pytest.mark.parametrize("method, config", [("streamingllm", {"budget": 1.0}), ("streamingllm", {"budget": 70}),
-                                            ("streamingllm", {"budget": 5000}), ("snapkv", {"budget": 1.0, "window_size": 16})])
+                                            ("streamingllm", {"budget": 5000}), ("snapkv", {"budget": 1.0, "window_size": 16}),
+                                            ("h2o", {"budget": 1.0}), ("h2o", {"budget": 76}), ("quest", {"budget": 1.0}), ("quest", {"budget": 76})])
 def test_a_budget_covering_the_context_gives_the_full_cache(llama_dir, method, config):
     prompt = prompts_of([70], 512, seed=12)[0]
     tokens, mine, _ = engine_logits(llama_dir, prompt, 6, kv_method=method, kv_method_config=config)

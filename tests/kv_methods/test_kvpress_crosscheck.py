@@ -1,5 +1,6 @@
-"""kvtier's KV methods against kvpress's presses of the same name, on the same checkpoint and prompt: the same kept
-positions per layer and KV head, and the same next-token logits after compression (fp32, within 1e-4).
+"""kvtier's KV methods against kvpress's presses of the same name (H2O: its ``ObservedAttentionPress``, which ranks by
+mean attention and keeps no recent window), on the same checkpoint and prompt: the same kept positions per layer and
+KV head, and the same next-token logits after compression (fp32, within 1e-4).
 
 kvpress runs in its own environment (it pins an older transformers), made by scripts/setup_kvpress.sh on first use
 and driven through tests/kv_methods/kvpress_reference.py in a subprocess. kvpress's knob is ``compression_ratio``,
@@ -29,6 +30,8 @@ PRESSES = {
     "streamingllm": ("StreamingLLMPress", lambda c: {"compression_ratio": 1 - c["budget"], "n_sink": c.get("n_sink", 4)}),
     "snapkv": ("SnapKVPress", lambda c: {"compression_ratio": 1 - c["budget"], "window_size": c.get("window_size", 64),
                                          "kernel_size": c.get("kernel_size", 5)}),
+    # H2O's heavy hitters without its recent window, ranked by mean attention: kvpress's press for H2O
+    "h2o": ("ObservedAttentionPress", lambda c: {"compression_ratio": 1 - c["budget"]}),
 }
 
 
@@ -57,6 +60,8 @@ def kvpress_answer(python: Path, model: str, press: str, kwargs: dict, prompt: l
     ("streamingllm", {"budget": 0.5, "n_sink": 2}),
     ("snapkv", {"budget": 0.25, "window_size": 16}),
     ("snapkv", {"budget": 0.5, "window_size": 32, "kernel_size": 3}),
+    ("h2o", {"budget": 0.25, "recent_fraction": 0.0, "normalize": True}),
+    ("h2o", {"budget": 0.5, "recent_fraction": 0.0, "normalize": True}),
 ])
 def test_kept_positions_and_logits_match_kvpress(kvpress_python, model_dir, method, config):
     llm = LLM(model_dir, dtype="float32", kv_cache_memory=1 << 24, kv_method=method, kv_method_config=config)

@@ -35,6 +35,8 @@ _ENGINE = {
     "num_preemptions": ("num_preemptions", "Requests preempted for lack of KV blocks.", "counter", True),
     "prompt_tokens": ("prompt_tokens", "Prompt tokens accepted.", "counter", True),
     "generation_tokens": ("generation_tokens", "Tokens generated.", "counter", True),
+    "cache_bytes_used": ("cache_bytes_used", "Bytes of K/V blocks and state slots held by sequences.", "gauge", False),
+    "kv_bytes_read": ("kv_bytes_read", "K/V bytes read by decode attention (after a KV method's selection).", "counter", False),
 }
 
 FINISH_REASONS = ("stop", "length", "abort")
