@@ -13,9 +13,9 @@ from pathlib import Path
 from kvtier.config import EngineArgs
 from kvtier.entrypoints.openai.metrics import METRIC_NAMES
 from kvtier.errors import InvalidArgumentError, KvtierError
+from kvtier.eval.harness import EVAL_TASKS, markdown_table, run_eval
 from kvtier.eval.haystacks import HAYSTACKS
 from kvtier.eval.probe import PROTOCOLS
-from kvtier.eval.retrieval import TASKS
 from kvtier.training.train_tiny import add_train_tiny_args, run_train_tiny
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical", "trace")  # vLLM's --uvicorn-log-level choices
@@ -205,8 +205,6 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
-    from kvtier.eval.harness import markdown_table, run_eval
-
     kw = engine_kwargs(ns)
     method, config = kw.pop("kv_method"), kw.pop("kv_method_config")
     result = run_eval(ns.model, method, config, ns.budget or (), ns.task, ns.context, ns.trials, ns.sample_seed, ns.haystack, ns.protocol, **kw)
@@ -268,17 +266,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Prometheus names at /metrics: kvtier's, vLLM's (vllm: prefix, model_name and engine labels, so vLLM dashboards work), or both")
     add_engine_flags(serve)
     serve.set_defaults(func=cmd_serve)
-    ev = sub.add_parser("eval", help="retrieval accuracy of a KV method beside the full cache, through the engine")
-    ev.add_argument("--task", nargs="+", default=["passkey"], choices=[*TASKS, "agreement"],
-                    help="retrieval tasks, and agreement (top-1 and KL against the full cache along its greedy continuation)")
+    ev = sub.add_parser("eval", help="what a KV method costs in accuracy or perplexity, beside the full cache, through the engine")
+    ev.add_argument("--task", nargs="+", default=["passkey"], choices=EVAL_TASKS,
+                    help="retrieval tasks (passkey, multikey, vartrack); commonwords (RULER's common-words extraction); agreement "
+                         "(top-1 and KL against the full cache along its greedy continuation); perplexity (of the held-out text after "
+                         "each context, read through the cache)")
     ev.add_argument("--context", nargs="+", type=int, default=[2048], help="context lengths in tokens")
     ev.add_argument("--budget", nargs="+", type=_budget, default=None,
                     help="the method's budget(s): fractions in (0, 1] or token counts (default: --kv-method-config's)")
     ev.add_argument("--trials", type=int, default=20, help="samples per cell, depths spread over [0, 1]")
-    ev.add_argument("--haystack", choices=HAYSTACKS, default="noise")
+    ev.add_argument("--haystack", choices=HAYSTACKS, default="noise", help="what the retrieval tasks' needles hide in (the others bring their own text)")
     ev.add_argument("--protocol", choices=PROTOCOLS, default="query-agnostic",
                     help="the question after compression, through decode (query-agnostic), or in the prompt before it (query-aware)")
-    ev.add_argument("--sample-seed", type=int, default=0, help="seed of the retrieval samples (--seed seeds the engine)")
+    ev.add_argument("--sample-seed", type=int, default=0, help="seed of the samples and text windows (--seed seeds the engine)")
     ev.add_argument("--json-out", default=None)
     ev.add_argument("--markdown-out", default=None)
     ev.add_argument("--plot-out", default=None, help="a PNG of score against budget, a panel per task and context (needs matplotlib)")

@@ -17,15 +17,17 @@ from kvtier.sampling.logits_processors import ForcedTokens, RecordLogits
 from kvtier.sampling_params import SamplingParams
 
 
-def text_windows(llm: LLM, context_tokens: int, count: int, seed: int) -> list[list[int]]:
-    """``count`` windows of ``context_tokens`` tokens of held-out text, at seeded offsets."""
+def text_windows(llm: LLM, context_tokens: int, count: int, seed: int, after: int = 0) -> list[list[int]]:
+    """``count`` windows of ``context_tokens`` tokens of held-out text, at seeded offsets, each followed by the ``after``
+    tokens that come next in the text (what perplexity scores)."""
     tok = llm.get_tokenizer()
     ids = tok.encode(" ".join(source_texts("heldout")), add_special_tokens=False)
-    if len(ids) <= context_tokens:
-        ids = ids * (context_tokens // max(1, len(ids)) + 2)
+    span = context_tokens + after
+    if len(ids) <= span:
+        ids = ids * (span // max(1, len(ids)) + 2)
     rng = random.Random(seed)
     bos = tok.encode("", add_special_tokens=True)  # the model's leading special tokens, if any
-    return [bos + ids[(o := rng.randrange(len(ids) - context_tokens)) : o + context_tokens - len(bos)] for _ in range(count)]
+    return [bos + ids[(o := rng.randrange(len(ids) - span)) : o + span - len(bos)] for _ in range(count)]
 
 
 def continue_greedily(llm: LLM, prompts: list[list[int]], tokens: int, forced: list[list[int]] | None = None) -> list[tuple[list[int], torch.Tensor]]:

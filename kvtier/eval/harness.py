@@ -1,10 +1,12 @@
 """``kvtier eval``: how much a KV method costs in accuracy, measured through the serving engine beside the full cache.
 
-The grid is method x budget x task x context length, each cell ``trials`` retrieval samples (depths spread over
-[0, 1], seeded) answered by kvtier's engine, the question fed through decode steps after compression (query-agnostic)
-or prefilled with the haystack before it (query-aware), as kvpress has them (:mod:`kvtier.eval.probe`). The full
-cache is always measured in the same run, and a cell where it scores below 50% is marked: a method cannot be judged
-where the model itself fails.
+The grid is method x budget x task x context length, each cell ``trials`` samples answered by kvtier's engine, the
+question fed through decode steps after compression (query-agnostic) or prefilled with the context before it
+(query-aware), as kvpress has them (:mod:`kvtier.eval.probe`). The tasks: retrieval (needles at depths spread over
+[0, 1], seeded), RULER's common-words extraction (:mod:`kvtier.eval.common_words`), agreement with the full cache
+along its greedy continuation of held-out text (:mod:`kvtier.eval.agreement`), and perplexity of held-out text read
+through the cache (:func:`kvtier.eval.perplexity.cache_perplexity`). The full cache is always measured in the same
+run, and a row where it scores below 50% is marked: a method cannot be judged where the model itself fails.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from tqdm import tqdm
 from kvtier.entrypoints.llm import LLM
 from kvtier.errors import InvalidArgumentError
 from kvtier.eval.agreement import agreement, continue_greedily, text_windows
+from kvtier.eval.common_words import ANSWER_TOKENS, COMMONWORDS
 from kvtier.eval.haystacks import HAYSTACKS
+from kvtier.eval.perplexity import PERPLEXITY, PERPLEXITY_TOKENS, cache_perplexity
 from kvtier.eval.probe import PROTOCOLS, run_engine_probe
 from kvtier.eval.retrieval import TASKS
 from kvtier.kv_methods.registry import NONE, build_method, parse_config
@@ -29,6 +33,7 @@ JUDGEABLE = 0.5  # below this the full cache itself fails the cell
 MIN_CONTEXT = 64
 AGREEMENT = "agreement"  # not a retrieval task: top-1 agreement and KL with the full cache along its greedy continuation
 AGREEMENT_TOKENS = 32
+EVAL_TASKS = (*TASKS, COMMONWORDS, AGREEMENT, PERPLEXITY)  # TASKS are also the model card's grid; the rest are eval-only
 
 
 @dataclass(frozen=True)
@@ -37,17 +42,18 @@ class EvalCell:
     task: str
     context_tokens: int
     trials: int
-    accuracy: float  # for "agreement": the top-1 agreement with the full cache
-    by_depth: dict[float, float]
+    accuracy: float  # the mean score; "agreement": top-1 agreement with the full cache; "perplexity": how often the true token is top-1
+    by_depth: dict[float, float]  # retrieval tasks only
     kl: float | None = None  # "agreement" only: mean KL(full || method), nats
+    perplexity: float | None = None  # "perplexity" only: exp(mean NLL) of the true tokens after the context
 
 
 def check_eval_args(kv_method: str, kv_method_config: dict | str | None, budgets: Sequence[float | int], tasks: Sequence[str],
                     contexts: Sequence[int], trials: int, haystack: str, protocol: str = "query-agnostic") -> list[dict | None]:
     """Every run's method config (None: the full cache), checked before anything is loaded; a bad value names its flag."""
     for t in tasks:
-        if t not in (*TASKS, AGREEMENT):
-            raise InvalidArgumentError("task", f"must be among {', '.join((*TASKS, AGREEMENT))}; got {t!r}")
+        if t not in EVAL_TASKS:
+            raise InvalidArgumentError("task", f"must be among {', '.join(EVAL_TASKS)}; got {t!r}")
     if not tasks or not contexts:
         raise InvalidArgumentError("task" if not tasks else "context", "give at least one")
     for c in contexts:
@@ -87,7 +93,7 @@ def run_eval(model: str, kv_method: str = NONE, kv_method_config: dict | str | N
     for run in runs:
         name = FULL if run is None else f"{kv_method} @ {run['budget']}"
         llm = LLM(model, kv_method=NONE if run is None else kv_method, kv_method_config=run, **engine_kwargs)
-        room = llm.engine.max_model_len - MIN_CONTEXT  # the question and the answer come after the context
+        room = llm.engine.max_model_len - MIN_CONTEXT  # the answer (or perplexity's scored tokens) comes after the context
         if max(contexts) > room:
             raise InvalidArgumentError("context", f"must be <= {room} for this model (max_model_len {llm.engine.max_model_len} less room for "
                                        f"the question and answer), got {max(contexts)}")
@@ -95,11 +101,15 @@ def run_eval(model: str, kv_method: str = NONE, kv_method_config: dict | str | N
             for context in contexts:
                 if task == AGREEMENT:
                     cell = _agreement_cell(llm, name, context, trials, sample_seed, reference)
-                else:
-                    r = run_engine_probe(llm, llm.get_tokenizer(), task, context, trials, sample_seed, protocol=protocol, haystack=haystack)
+                elif task == PERPLEXITY:
+                    ppl, top1 = cache_perplexity(llm, context, trials, sample_seed)
+                    cell = EvalCell(name, task, context, trials, top1, {}, perplexity=ppl)
+                else:  # common words has no haystack (its list is the context) and a ten-word answer
+                    kw = {"haystack": haystack} if task in TASKS else {"max_new_tokens": ANSWER_TOKENS}
+                    r = run_engine_probe(llm, llm.get_tokenizer(), task, context, trials, sample_seed, protocol=protocol, **kw)
                     cell = EvalCell(name, task, context, r.trials, r.accuracy, r.by_depth)
                 cells.append(cell)
-                bar.set_postfix_str(f"{name} {task} {context}: {cell.accuracy:.0%}")
+                bar.set_postfix_str(f"{name} {task} {context}: {_shown(asdict(cell))}")
                 bar.update()
         del llm
         gc.collect()
@@ -119,23 +129,32 @@ def _agreement_cell(llm: LLM, name: str, context: int, trials: int, seed: int, r
     return EvalCell(name, AGREEMENT, context, trials, a["top1"], {}, a["kl"])
 
 
+def _shown(cell: dict) -> str:
+    """A cell as the table shows it: its perplexity, or its score (and KL, for agreement)."""
+    if cell.get("perplexity") is not None:
+        return f"ppl {cell['perplexity']:.1f}"
+    return f"{cell['accuracy']:.0%}" + (f", KL {cell['kl']:.3f}" if cell.get("kl") is not None else "")
+
+
 def markdown_table(result: dict) -> str:
-    """Rows task x context, a column per run, the full cache first; ``*`` marks rows where the full cache scores below 50%."""
-    cells = result["cells"]
-    methods = list(dict.fromkeys(c["method"] for c in cells))
-    rows = list(dict.fromkeys((c["task"], c["context_tokens"]) for c in cells))
-    acc = {(c["method"], c["task"], c["context_tokens"]): c["accuracy"] for c in cells}
-    shown = {k: f"{v:.0%}" for k, v in acc.items()}
-    shown.update({(c["method"], c["task"], c["context_tokens"]): f"{c['accuracy']:.0%}, KL {c['kl']:.3f}" for c in cells if c.get("kl") is not None})
+    """Rows task x context, a column per run, the full cache first; ``*`` marks rows where the full cache scores below 50%
+    (perplexity is no score: its rows are never marked)."""
+    cells = {(c["method"], c["task"], c["context_tokens"]): c for c in result["cells"]}
+    methods = list(dict.fromkeys(m for m, _, _ in cells))
+    rows = list(dict.fromkeys((t, n) for _, t, n in cells))
+    failed = {row for row in rows if cells[(FULL, *row)].get("perplexity") is None and cells[(FULL, *row)]["accuracy"] < JUDGEABLE}
     head = (f"{result['model']}, {result['haystack']} haystack, {result['protocol']}, {result['trials']} trials a cell, "
             f"sample seed {result['sample_seed']}")
     lines = [f"{head}; {result['machine']}", "", "| task | context | " + " | ".join(methods) + " |", "| --- | --- |" + " --- |" * len(methods)]
     for task, context in rows:
-        mark = " *" if acc[(FULL, task, context)] < JUDGEABLE else ""
-        lines.append(f"| {task}{mark} | {context} | " + " | ".join(shown[(m, task, context)] for m in methods) + " |")
-    if any(acc[(FULL, t, c)] < JUDGEABLE for t, c in rows):
+        mark = " *" if (task, context) in failed else ""
+        lines.append(f"| {task}{mark} | {context} | " + " | ".join(_shown(cells[(m, task, context)]) for m in methods) + " |")
+    if failed:
         lines += ["", "\\* the full cache scores below 50% here: no method can be judged on this row"]
-    if any(c.get("kl") is not None for c in cells):
+    if any(c.get("kl") is not None for c in cells.values()):
         lines += ["", f"agreement: top-1 agreement with the full cache's greedy continuation ({AGREEMENT_TOKENS} tokens after held-out "
                   "text) and the mean KL(full || method) of the next-token distributions, in nats"]
+    if any(c.get("perplexity") is not None for c in cells.values()):
+        lines += ["", f"perplexity: exp(mean NLL) of the {PERPLEXITY_TOKENS} tokens of held-out text after each window, forced through "
+                  "decode steps after the (compressed) window; lower is better"]
     return "\n".join(lines)

@@ -1,11 +1,15 @@
-"""Score against budget, one line per method and a dashed line for the full cache, as kvpress's leaderboard draws it."""
+"""Score against budget, one line per method and a dashed line for the full cache, as kvpress's leaderboard draws it.
+A perplexity panel draws perplexity on its own axis."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from kvtier.errors import InvalidArgumentError
-from kvtier.eval.harness import FULL
+from kvtier.eval.harness import AGREEMENT, FULL
+from kvtier.eval.perplexity import PERPLEXITY
+
+YLABELS = {AGREEMENT: "top-1 agreement", PERPLEXITY: "perplexity (lower is better)"}  # any other task: "accuracy"
 
 
 def plot_scores(results: list[dict], path: str | Path) -> Path:
@@ -23,17 +27,19 @@ def plot_scores(results: list[dict], path: str | Path) -> Path:
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
     for ax, (task, context) in zip(axes[0], panels):
         here = [c for c in cells if (c["task"], c["context_tokens"]) == (task, context)]
-        full = next(c["accuracy"] for c in here if c["method"] == FULL)
+        value = "perplexity" if task == PERPLEXITY else "accuracy"
+        full = next(c[value] for c in here if c["method"] == FULL)
         ax.axhline(full, color="black", linestyle="--", label=FULL)
         lines: dict[str, list[tuple[float, float]]] = {}
         for c in here:
             if c["method"] != FULL:
                 name, budget = c["method"].rsplit(" @ ", 1)
-                lines.setdefault(name, []).append((float(budget), c["accuracy"]))
+                lines.setdefault(name, []).append((float(budget), c[value]))
         for name, points in lines.items():
             ax.plot(*zip(*sorted(points)), marker="o", label=name)
-        ax.set(title=f"{task}, {context} tokens", xlabel="budget (kept)", ylabel="top-1 agreement" if task == "agreement" else "accuracy",
-               ylim=(-0.02, 1.02))
+        ax.set(title=f"{task}, {context} tokens", xlabel="budget (kept)", ylabel=YLABELS.get(task, "accuracy"))
+        if task != PERPLEXITY:
+            ax.set_ylim(-0.02, 1.02)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

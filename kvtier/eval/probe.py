@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvtier.errors import InvalidArgumentError
+from kvtier.eval.common_words import COMMONWORDS, common_words
 from kvtier.eval.retrieval import RetrievalSample, TokenEncoder, make_sample
 from kvtier.sampling.logits_processors import ForcedTokens
 from kvtier.sampling_params import SamplingParams
@@ -29,8 +30,8 @@ class ProbeResult:
     task: str
     context_tokens: int
     trials: int
-    accuracy: float
-    by_depth: dict[float, float]  # depth -> accuracy over the trials at that depth
+    accuracy: float  # the mean score: a common-words reply scores the fraction of the words it names
+    by_depth: dict[float, float]  # depth -> accuracy over the trials at that depth (none for common words)
 
 
 def trial_depths(trials: int, num_depths: int = 10) -> list[float]:
@@ -39,7 +40,9 @@ def trial_depths(trials: int, num_depths: int = 10) -> list[float]:
 
 
 def samples(task: str, tokenizer: TokenEncoder, context_tokens: int, trials: int, seed: int, **sample_kw: str) -> list[RetrievalSample]:
-    """The probe's ``trials`` samples: seeds ``seed + i``, depths from :func:`trial_depths`."""
+    """The probe's ``trials`` samples: seeds ``seed + i``, depths from :func:`trial_depths` (common words has none)."""
+    if task == COMMONWORDS:
+        return [common_words(tokenizer, context_tokens, seed + i, **sample_kw) for i in range(trials)]
     return [make_sample(task, tokenizer, context_tokens, depth, seed + i, **sample_kw) for i, depth in enumerate(trial_depths(trials))]
 
 
@@ -125,12 +128,13 @@ def run_engine_probe(llm: LLM, tokenizer: TokenEncoder, task: str, context_token
 
 
 def score(task: str, context_tokens: int, replies: Iterable[tuple[RetrievalSample, str]]) -> ProbeResult:
-    """Accuracy over (sample, reply) pairs, overall and by depth."""
-    hits: dict[float, list[bool]] = defaultdict(list)
+    """The mean score over (sample, reply) pairs, overall and by depth (samples without a depth count only overall)."""
+    hits: dict[float | None, list[float]] = defaultdict(list)
     for sample, reply in replies:
-        hits[sample.depth].append(sample.is_correct(reply))
+        hits[sample.depth].append(sample.score(reply))
     total = [h for v in hits.values() for h in v]
-    return ProbeResult(task, context_tokens, len(total), sum(total) / len(total), {d: sum(v) / len(v) for d, v in sorted(hits.items())})
+    by_depth = {d: sum(v) / len(v) for d, v in sorted((d, v) for d, v in hits.items() if d is not None)}
+    return ProbeResult(task, context_tokens, len(total), sum(total) / len(total), by_depth)
 
 
 @torch.inference_mode()

@@ -117,7 +117,7 @@ class RetrievalSample:
     completion: str  # the ideal continuation of ``prompt``; training documents append it
     answer: tuple[str, ...]  # the values a correct reply names (one number, or every chained variable)
     context_tokens: int  # the prompt's length in the tokenizer's tokens
-    depth: float  # where the (queried) needle sits, 0 = start of the filler, 1 = end
+    depth: float | None  # where the (queried) needle sits, 0 = start of the filler, 1 = end; None: no needle (common words)
     followups: tuple[str, ...] = ()  # questions about the other needles, each with its answer: training may append them
 
     @property
@@ -130,6 +130,10 @@ class RetrievalSample:
         if self.task == "vartrack":
             return set(re.findall(r"\b[A-Z]{5}\b", generated)) == set(self.answer)
         return first_number(generated) == self.answer[0]
+
+    def score(self, generated: str) -> float:
+        """1.0 or 0.0 by :meth:`is_correct`; a task with partial credit (common words) overrides it."""
+        return float(self.is_correct(generated))
 
 
 def first_number(text: str) -> str | None:
@@ -144,14 +148,14 @@ def _check(context_tokens: int, depth: float) -> None:
         raise InvalidArgumentError("depth", f"must be in [0, 1], got {depth!r}")
 
 
-def _fill(tokenizer: TokenEncoder, context_tokens: int, build: Callable[[list[str]], str], stack: Haystack) -> tuple[str, int]:
-    """The longest ``build(pieces)`` whose token count stays within ``context_tokens``.
+def fill(tokenizer: TokenEncoder, context_tokens: int, build: Callable[[int], str]) -> tuple[str, int]:
+    """The longest ``build(n)`` whose token count stays within ``context_tokens``, and that count.
 
-    ``build`` places needles among the haystack's pieces (at fractions of their count) and adds the
-    header and question. Starts from a linear estimate, then steps a piece at a time.
+    ``build(n)`` is the prompt with ``n`` pieces of filler (haystack pieces around the needles, or words of a
+    list), header and question included. Starts from a linear estimate, then steps a piece at a time.
     """
     def text_for(n: int) -> tuple[str, int]:
-        text = build(stack.take(n))
+        text = build(n)
         return text, len(tokenizer.encode(text))
 
     base, base_len = text_for(0)
@@ -194,7 +198,7 @@ def passkey(tokenizer: TokenEncoder, context_tokens: int, depth: float, seed: in
     key = str(random.Random(seed).randint(10000, 99999))
     needle = say.needle.format(key=key)
     question = say.question
-    prompt, n = _fill(tokenizer, context_tokens, lambda f: say.header + _insert(f, [(depth, needle)], stack.joiner) + question, stack)
+    prompt, n = fill(tokenizer, context_tokens, lambda k: say.header + _insert(stack.take(k), [(depth, needle)], stack.joiner) + question)
     return RetrievalSample("passkey", prompt, question, f" {key}.", (key,), n, depth)
 
 
@@ -219,7 +223,7 @@ def multikey_needle(tokenizer: TokenEncoder, context_tokens: int, depth: float, 
     needles = [(depth, say.needle.format(name=keys[0], key=values[0]))]
     needles += [(rng.random(), say.needle.format(name=k, key=v)) for k, v in zip(keys[1:], values[1:])]
     question = say.question.format(name=keys[0])
-    prompt, n = _fill(tokenizer, context_tokens, lambda f: say.header + _insert(f, needles, stack.joiner) + question, stack)
+    prompt, n = fill(tokenizer, context_tokens, lambda k: say.header + _insert(stack.take(k), needles, stack.joiner) + question)
     followups = tuple(f"{say.question.format(name=keys[i])} {values[i]}." for i in rng.sample(range(1, len(keys)), len(keys) - 1))
     return RetrievalSample("multikey", prompt, question, f" {values[0]}.", (values[0],), n, depth, followups)
 
@@ -244,7 +248,7 @@ def variable_tracking(tokenizer: TokenEncoder, context_tokens: int, depth: float
     head = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n"
     question = (f"\nQuestion: Find all variables that are assigned the value {value} in the text above. Answer: According to the chain(s) "
                 f"of variable assignment in the text above, {num_hops + 1} variables are assigned the value {value}, they are:")
-    prompt, n = _fill(tokenizer, context_tokens, lambda f: head + _insert(f, list(zip(depths, links)), stack.joiner) + question, stack)
+    prompt, n = fill(tokenizer, context_tokens, lambda k: head + _insert(stack.take(k), list(zip(depths, links)), stack.joiner) + question)
     return RetrievalSample("vartrack", prompt, question, " " + " ".join(names) + ".", tuple(names), n, depth)
 
 

@@ -85,6 +85,12 @@ def test_eval_prints_the_full_cache_beside_the_method_and_refuses_bad_flags(mode
         assert r.returncode == 2 and message in r.stderr, (flags, r.stderr)
 
 
+def test_eval_takes_the_eval_only_tasks(model_dir):
+    r = kvtier("eval", "--model", str(model_dir), "--task", "perplexity", "--context", "128", "--trials", "1", "--kv-cache-memory", str(1 << 22))
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^\| perplexity \| 128 \| ppl \d+\.\d \|$", r.stdout, re.M), r.stdout
+
+
 def test_chat_reads_turns_from_stdin(model_dir):
     r = kvtier("chat", "--model", str(model_dir), "--max-tokens", "3", "--kv-cache-memory", str(1 << 22), stdin="hello\nhow are you\n")
     assert r.returncode == 0, r.stderr

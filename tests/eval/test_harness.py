@@ -37,6 +37,35 @@ def test_the_query_aware_protocol_prefills_the_question_with_the_haystack():
     assert "query-aware" in markdown_table(aware)
 
 
+def test_commonwords_and_perplexity_through_the_engine():
+    """Both eval-only tasks run in the grid (the full cache's perplexity is checked against transformers in
+    test_cache_perplexity.py): keeping a quarter of each window makes its continuation harder to predict; common words
+    has no depths and a score in [0, 1]."""
+    result = run_eval("kvtier-tiny", "streamingllm", None, [0.25], ["commonwords", "perplexity"], [512], trials=2, dtype="float32",
+                      kv_cache_memory=1 << 26)
+    cells = {(c["method"], c["task"]): c for c in result["cells"]}
+    assert len(cells) == 4
+    for m in (FULL, "streamingllm @ 0.25"):
+        cwe = cells[(m, "commonwords")]
+        assert cwe["by_depth"] == {} and 0.0 <= cwe["accuracy"] <= 1.0 and cwe["perplexity"] is None and cwe["trials"] == 2
+    full, quarter = (cells[(m, "perplexity")]["perplexity"] for m in (FULL, "streamingllm @ 0.25"))
+    assert 1.0 < full < 8192 and quarter > full * 1.01
+    table = markdown_table(result)
+    assert f"| perplexity | 512 | ppl {full:.1f} | ppl {quarter:.1f} |" in table and "| commonwords" in table
+
+
+def test_perplexity_rows_show_perplexity_and_are_never_marked():
+    """Perplexity is no score: a full cache whose top-1 is below 50% there does not make the row unjudgeable."""
+    result = {"model": "m", "haystack": "noise", "protocol": "query-agnostic", "trials": 2, "sample_seed": 0, "machine": "x", "cells": [
+        {"method": FULL, "task": "perplexity", "context_tokens": 512, "accuracy": 0.3, "perplexity": 12.34},
+        {"method": "snapkv @ 0.5", "task": "perplexity", "context_tokens": 512, "accuracy": 0.2, "perplexity": 20.0},
+        {"method": FULL, "task": "commonwords", "context_tokens": 512, "accuracy": 0.65},
+        {"method": "snapkv @ 0.5", "task": "commonwords", "context_tokens": 512, "accuracy": 0.25}]}
+    table = markdown_table(result)
+    assert "| perplexity | 512 | ppl 12.3 | ppl 20.0 |" in table and "| commonwords | 512 | 65% | 25% |" in table
+    assert "*" not in table and "perplexity: exp(mean NLL)" in table
+
+
 def test_rows_where_the_full_cache_fails_are_marked():
     result = {"model": "m", "haystack": "noise", "protocol": "query-agnostic", "trials": 2, "sample_seed": 0, "machine": "x", "cells": [
         {"method": FULL, "task": "passkey", "context_tokens": 512, "accuracy": 0.4},
@@ -52,6 +81,7 @@ def test_rows_where_the_full_cache_fails_are_marked():
     (dict(kv_method="none", budgets=[0.5]), "budget"),
     (dict(kv_method="snapkvv"), "kv_method"),
     (dict(tasks=["needle"]), "task"),
+    (dict(tasks=["perplexity", "commonword"]), "task"),
     (dict(contexts=[10]), "context"),
     (dict(contexts=[100_000]), "context"),
     (dict(trials=0), "trials"),
@@ -99,3 +129,21 @@ def test_the_plot_has_a_panel_per_task_and_context(tmp_path):
     path = plot_scores(results, tmp_path / "scores.png")
     with Image.open(path) as img:
         assert img.format == "PNG" and img.size == (2 * 4 * 110, int(3.2 * 110))
+
+
+def test_perplexity_gets_its_own_axis_in_the_plot(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from kvtier.eval.plots import plot_scores
+
+    drawn: list[Figure] = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: drawn.append(fig))
+    cells = [{"method": FULL, "task": "perplexity", "context_tokens": 512, "accuracy": 0.3, "perplexity": 150.0},
+             {"method": "snapkv @ 0.5", "task": "perplexity", "context_tokens": 512, "accuracy": 0.2, "perplexity": 180.0},
+             {"method": FULL, "task": "commonwords", "context_tokens": 512, "accuracy": 0.6},
+             {"method": "snapkv @ 0.5", "task": "commonwords", "context_tokens": 512, "accuracy": 0.3}]
+    plot_scores([{"cells": cells}], tmp_path / "scores.png")
+    ppl, cwe = drawn[0].axes
+    assert ppl.get_ylabel().startswith("perplexity") and ppl.get_ylim()[0] < 150 < 180 < ppl.get_ylim()[1]
+    assert ppl.lines[0].get_ydata()[0] == 150.0 and list(ppl.lines[1].get_ydata()) == [180.0]
+    assert cwe.get_ylabel() == "accuracy" and cwe.get_ylim() == (-0.02, 1.02)
