@@ -13,7 +13,7 @@ from pathlib import Path
 from kvtier.config import EngineArgs
 from kvtier.entrypoints.openai.metrics import METRIC_NAMES
 from kvtier.errors import InvalidArgumentError, KvtierError
-from kvtier.eval.harness import EVAL_TASKS, markdown_table, run_eval
+from kvtier.eval.harness import EVAL_TASKS, PHRASING_NAMES, markdown_table, run_eval
 from kvtier.eval.haystacks import HAYSTACKS
 from kvtier.eval.probe import PROTOCOLS
 from kvtier.training.train_tiny import add_train_tiny_args, run_train_tiny
@@ -207,7 +207,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 def cmd_eval(ns: argparse.Namespace) -> int:
     kw = engine_kwargs(ns)
     method, config = kw.pop("kv_method"), kw.pop("kv_method_config")
-    result = run_eval(ns.model, method, config, ns.budget or (), ns.task, ns.context, ns.trials, ns.sample_seed, ns.haystack, ns.protocol, **kw)
+    result = run_eval(ns.model, method, config, ns.budget or (), ns.task, ns.context, ns.trials, ns.sample_seed, ns.haystack, ns.protocol,
+                      ns.phrasing, **kw)
     table = markdown_table(result)
     print(table)
     if ns.json_out:
@@ -276,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the method's budget(s): fractions in (0, 1] or token counts (default: --kv-method-config's)")
     ev.add_argument("--trials", type=int, default=20, help="samples per cell, depths spread over [0, 1]")
     ev.add_argument("--haystack", choices=HAYSTACKS, default="noise", help="what the retrieval tasks' needles hide in (the others bring their own text)")
+    ev.add_argument("--phrasing", choices=PHRASING_NAMES, default=None,
+                    help="how passkey and multikey needles are worded; access-code and secret-number were in no training document "
+                         "(default: each task's own)")
     ev.add_argument("--protocol", choices=PROTOCOLS, default="query-agnostic",
                     help="the question after compression, through decode (query-agnostic), or in the prompt before it (query-aware)")
     ev.add_argument("--sample-seed", type=int, default=0, help="seed of the samples and text windows (--seed seeds the engine)")

@@ -24,7 +24,7 @@ from kvtier.eval.common_words import ANSWER_TOKENS, COMMONWORDS
 from kvtier.eval.haystacks import HAYSTACKS
 from kvtier.eval.perplexity import PERPLEXITY, PERPLEXITY_TOKENS, cache_perplexity
 from kvtier.eval.probe import PROTOCOLS, run_engine_probe
-from kvtier.eval.retrieval import TASKS
+from kvtier.eval.retrieval import PHRASINGS, TASKS
 from kvtier.kv_methods.registry import NONE, build_method, parse_config
 from kvtier.machine import machine_line
 
@@ -33,7 +33,8 @@ JUDGEABLE = 0.5  # below this the full cache itself fails the cell
 MIN_CONTEXT = 64
 AGREEMENT = "agreement"  # not a retrieval task: top-1 agreement and KL with the full cache along its greedy continuation
 AGREEMENT_TOKENS = 32
-EVAL_TASKS = (*TASKS, COMMONWORDS, AGREEMENT, PERPLEXITY)  # TASKS are also the model card's grid; the rest are eval-only
+EVAL_TASKS = (*TASKS, COMMONWORDS, AGREEMENT, PERPLEXITY)
+PHRASING_NAMES = tuple(sorted(set(PHRASINGS["passkey"]) & set(PHRASINGS["multikey"])))  # the wordings both needle tasks have  # TASKS are also the model card's grid; the rest are eval-only
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,11 @@ class EvalCell:
     perplexity: float | None = None  # "perplexity" only: exp(mean NLL) of the true tokens after the context
 
 
-def check_eval_args(kv_method: str, kv_method_config: dict | str | None, budgets: Sequence[float | int], tasks: Sequence[str],
-                    contexts: Sequence[int], trials: int, haystack: str, protocol: str = "query-agnostic") -> list[dict | None]:
-    """Every run's method config (None: the full cache), checked before anything is loaded; a bad value names its flag."""
+def check_eval_args(kv_method: str | Sequence[str], kv_method_config: dict | str | None, budgets: Sequence[float | int], tasks: Sequence[str],
+                    contexts: Sequence[int], trials: int, haystack: str, protocol: str = "query-agnostic",
+                    phrasing: str | None = None) -> list[tuple[str, dict] | None]:
+    """Every run's method and config (None: the full cache, always first), checked before anything is loaded; a bad value
+    names its flag. Several methods share the budgets and the config."""
     for t in tasks:
         if t not in EVAL_TASKS:
             raise InvalidArgumentError("task", f"must be among {', '.join(EVAL_TASKS)}; got {t!r}")
@@ -65,34 +68,41 @@ def check_eval_args(kv_method: str, kv_method_config: dict | str | None, budgets
         raise InvalidArgumentError("protocol", f"must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
     if haystack not in HAYSTACKS:
         raise InvalidArgumentError("haystack", f"must be one of {', '.join(HAYSTACKS)}; got {haystack!r}")
+    if phrasing is not None and phrasing not in PHRASING_NAMES:
+        raise InvalidArgumentError("phrasing", f"must be one of {', '.join(PHRASING_NAMES)}; got {phrasing!r}")
     config = parse_config(kv_method_config)
-    if kv_method == NONE:
+    methods = [m for m in ([kv_method] if isinstance(kv_method, str) else kv_method) if m != NONE]
+    if not methods:
         if budgets:
             raise InvalidArgumentError("budget", "needs a --kv-method other than none")
         return [None]
-    runs: list[dict | None] = [None]
-    for b in budgets or [config.get("budget", 1.0)]:
-        run = {**config, "budget": b}
-        try:
-            build_method(kv_method, run)
-        except InvalidArgumentError as e:
-            raise InvalidArgumentError("budget" if e.field == "kv_method_config.budget" else e.field, e.message) from None
-        runs.append(run)
+    runs: list[tuple[str, dict] | None] = [None]
+    for method in methods:
+        for b in budgets or [config.get("budget", 1.0)]:
+            run = {**config, "budget": b}
+            try:
+                build_method(method, run)
+            except InvalidArgumentError as e:
+                raise InvalidArgumentError("budget" if e.field == "kv_method_config.budget" else e.field, e.message) from None
+            runs.append((method, run))
     return runs
 
 
-def run_eval(model: str, kv_method: str = NONE, kv_method_config: dict | str | None = None, budgets: Sequence[float | int] = (),
+def run_eval(model: str, kv_method: str | Sequence[str] = NONE, kv_method_config: dict | str | None = None, budgets: Sequence[float | int] = (),
              tasks: Sequence[str] = ("passkey",), contexts: Sequence[int] = (2048,), trials: int = 20, sample_seed: int = 0,
-             haystack: str = "noise", protocol: str = "query-agnostic", **engine_kwargs) -> dict:
-    """The grid as a JSON-able dict: each run (the full cache, then the method at each budget) loads the engine once.
-    ``protocol``: the question after compression (``query-agnostic``) or inside the compressed prompt (``query-aware``)."""
-    runs = check_eval_args(kv_method, kv_method_config, budgets, tasks, contexts, trials, haystack, protocol)
+             haystack: str = "noise", protocol: str = "query-agnostic", phrasing: str | None = None, **engine_kwargs) -> dict:
+    """The grid as a JSON-able dict: each run (the full cache, then each method at each budget) loads the engine once.
+    ``protocol``: the question after compression (``query-agnostic``) or inside the compressed prompt (``query-aware``).
+    ``phrasing``: how passkey and multi-key needles are worded (``kvtier.eval.retrieval.PHRASINGS``; the held-out ones,
+    ``access-code`` and ``secret-number``, were in no training document); None: each task's default."""
+    runs = check_eval_args(kv_method, kv_method_config, budgets, tasks, contexts, trials, haystack, protocol, phrasing)
     cells: list[EvalCell] = []
     reference: dict[int, list] = {}  # context -> the full cache's greedy continuations (the full cache runs first)
     bar = tqdm(total=len(runs) * len(tasks) * len(contexts), desc="kvtier eval", unit="cell")
     for run in runs:
-        name = FULL if run is None else f"{kv_method} @ {run['budget']}"
-        llm = LLM(model, kv_method=NONE if run is None else kv_method, kv_method_config=run, **engine_kwargs)
+        method, config = run or (NONE, None)
+        name = FULL if run is None else f"{method} @ {config['budget']}"
+        llm = LLM(model, kv_method=method, kv_method_config=config, **engine_kwargs)
         room = llm.engine.max_model_len - MIN_CONTEXT  # the answer (or perplexity's scored tokens) comes after the context
         if max(contexts) > room:
             raise InvalidArgumentError("context", f"must be <= {room} for this model (max_model_len {llm.engine.max_model_len} less room for "
@@ -106,6 +116,8 @@ def run_eval(model: str, kv_method: str = NONE, kv_method_config: dict | str | N
                     cell = EvalCell(name, task, context, trials, top1, {}, perplexity=ppl)
                 else:  # common words has no haystack (its list is the context) and a ten-word answer
                     kw = {"haystack": haystack} if task in TASKS else {"max_new_tokens": ANSWER_TOKENS}
+                    if phrasing is not None and task in PHRASINGS:
+                        kw["phrasing"] = phrasing
                     r = run_engine_probe(llm, llm.get_tokenizer(), task, context, trials, sample_seed, protocol=protocol, **kw)
                     cell = EvalCell(name, task, context, r.trials, r.accuracy, r.by_depth)
                 cells.append(cell)
@@ -115,7 +127,7 @@ def run_eval(model: str, kv_method: str = NONE, kv_method_config: dict | str | N
         gc.collect()
     bar.close()
     return {"machine": machine_line(), "model": model, "kv_method": kv_method, "kv_method_config": parse_config(kv_method_config),
-            "haystack": haystack, "trials": trials, "sample_seed": sample_seed, "protocol": protocol,
+            "haystack": haystack, "phrasing": phrasing, "trials": trials, "sample_seed": sample_seed, "protocol": protocol,
             "cells": [asdict(c) for c in cells]}
 
 
@@ -143,7 +155,8 @@ def markdown_table(result: dict) -> str:
     methods = list(dict.fromkeys(m for m, _, _ in cells))
     rows = list(dict.fromkeys((t, n) for _, t, n in cells))
     failed = {row for row in rows if cells[(FULL, *row)].get("perplexity") is None and cells[(FULL, *row)]["accuracy"] < JUDGEABLE}
-    head = (f"{result['model']}, {result['haystack']} haystack, {result['protocol']}, {result['trials']} trials a cell, "
+    wording = f", needles worded {result['phrasing']!r}" if result.get("phrasing") else ""
+    head = (f"{result['model']}, {result['haystack']} haystack{wording}, {result['protocol']}, {result['trials']} trials a cell, "
             f"sample seed {result['sample_seed']}")
     lines = [f"{head}; {result['machine']}", "", "| task | context | " + " | ".join(methods) + " |", "| --- | --- |" + " --- |" * len(methods)]
     for task, context in rows:

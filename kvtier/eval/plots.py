@@ -13,8 +13,8 @@ YLABELS = {AGREEMENT: "top-1 agreement", PERPLEXITY: "perplexity (lower is bette
 
 
 def plot_scores(results: list[dict], path: str | Path) -> Path:
-    """One panel per (task, context) of ``kvtier eval`` results (several methods' runs may be given): the method's
-    score at each budget, and the full cache's. Needs matplotlib (``pip install kvtier[train]``)."""
+    """A panel per task (rows) and context length (columns) of ``kvtier eval`` results (several runs may be given): each
+    method's score at each budget, and the full cache's. Needs matplotlib (``pip install kvtier[train]``)."""
     try:
         import matplotlib
 
@@ -23,10 +23,14 @@ def plot_scores(results: list[dict], path: str | Path) -> Path:
     except ImportError:
         raise InvalidArgumentError("plot_out", "needs matplotlib: pip install 'kvtier[train]' or matplotlib") from None
     cells = [c for r in results for c in r["cells"]]
-    panels = list(dict.fromkeys((c["task"], c["context_tokens"]) for c in cells))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
-    for ax, (task, context) in zip(axes[0], panels):
+    tasks = list(dict.fromkeys(c["task"] for c in cells))
+    contexts = list(dict.fromkeys(c["context_tokens"] for c in cells))
+    fig, axes = plt.subplots(len(tasks), len(contexts), figsize=(4 * len(contexts), 3.2 * len(tasks)), squeeze=False)
+    for ax, (task, context) in zip(axes.flat, [(t, n) for t in tasks for n in contexts]):
         here = [c for c in cells if (c["task"], c["context_tokens"]) == (task, context)]
+        if not here:
+            ax.set_axis_off()
+            continue
         value = "perplexity" if task == PERPLEXITY else "accuracy"
         full = next(c[value] for c in here if c["method"] == FULL)
         ax.axhline(full, color="black", linestyle="--", label=FULL)

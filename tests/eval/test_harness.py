@@ -10,7 +10,7 @@ import torch
 
 from kvtier.errors import InvalidArgumentError
 from kvtier.eval.agreement import agreement
-from kvtier.eval.harness import FULL, markdown_table, run_eval
+from kvtier.eval.harness import FULL, check_eval_args, markdown_table, run_eval
 
 
 def test_streamingllm_fails_where_it_evicted_the_needle_and_nowhere_else():
@@ -87,6 +87,7 @@ def test_rows_where_the_full_cache_fails_are_marked():
     (dict(trials=0), "trials"),
     (dict(haystack="poetry"), "haystack"),
     (dict(protocol="question-first"), "protocol"),
+    (dict(phrasing="landmark"), "phrasing"),  # passkey's alone: the wording must exist for both needle tasks
 ])
 def test_bad_arguments_fail_at_start_naming_the_flag(kw, field):
     with pytest.raises(InvalidArgumentError) as e:
@@ -128,7 +129,7 @@ def test_the_plot_has_a_panel_per_task_and_context(tmp_path):
                           cell(FULL, "multikey", 512, 0.9), cell("streamingllm @ 0.25", "multikey", 512, 0.3)]}]
     path = plot_scores(results, tmp_path / "scores.png")
     with Image.open(path) as img:
-        assert img.format == "PNG" and img.size == (2 * 4 * 110, int(3.2 * 110))
+        assert img.format == "PNG" and img.size == (4 * 110, int(2 * 3.2 * 110))  # a row per task, a column per context
 
 
 def test_perplexity_gets_its_own_axis_in_the_plot(tmp_path, monkeypatch):
@@ -147,3 +148,24 @@ def test_perplexity_gets_its_own_axis_in_the_plot(tmp_path, monkeypatch):
     assert ppl.get_ylabel().startswith("perplexity") and ppl.get_ylim()[0] < 150 < 180 < ppl.get_ylim()[1]
     assert ppl.lines[0].get_ydata()[0] == 150.0 and list(ppl.lines[1].get_ydata()) == [180.0]
     assert cwe.get_ylabel() == "accuracy" and cwe.get_ylim() == (-0.02, 1.02)
+
+
+def test_several_methods_share_one_full_cache_run():
+    runs = check_eval_args(["streamingllm", "quest"], None, [0.25, 64], ["passkey"], [512], 2, "noise")
+    assert runs == [None, ("streamingllm", {"budget": 0.25}), ("streamingllm", {"budget": 64}), ("quest", {"budget": 0.25}), ("quest", {"budget": 64})]
+    with pytest.raises(InvalidArgumentError) as e:
+        check_eval_args(["streamingllm", "nope"], None, [0.25], ["passkey"], [512], 2, "noise")
+    assert e.value.field == "kv_method"
+
+
+def test_a_phrasing_words_the_needle_tasks_only(monkeypatch):
+    """``phrasing`` reaches passkey and multi-key samples (held-out wordings: evaluation on text no training document
+    used) and not variable tracking, which has only RULER's wording; the table names it."""
+    import kvtier.eval.probe as probe
+
+    asked, make = [], probe.make_sample
+    monkeypatch.setattr(probe, "make_sample", lambda task, *a, **kw: asked.append((task, kw.get("phrasing"))) or make(task, *a, **kw))
+    result = run_eval("kvtier-tiny", tasks=["passkey", "vartrack"], contexts=[256], trials=1, phrasing="secret-number", dtype="float32",
+                      kv_cache_memory=1 << 26)
+    assert asked == [("passkey", "secret-number"), ("vartrack", None)]
+    assert "needles worded 'secret-number'" in markdown_table(result)
