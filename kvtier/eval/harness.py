@@ -33,8 +33,8 @@ JUDGEABLE = 0.5  # below this the full cache itself fails the cell
 MIN_CONTEXT = 64
 AGREEMENT = "agreement"  # not a retrieval task: top-1 agreement and KL with the full cache along its greedy continuation
 AGREEMENT_TOKENS = 32
-EVAL_TASKS = (*TASKS, COMMONWORDS, AGREEMENT, PERPLEXITY)
-PHRASING_NAMES = tuple(sorted(set(PHRASINGS["passkey"]) & set(PHRASINGS["multikey"])))  # the wordings both needle tasks have  # TASKS are also the model card's grid; the rest are eval-only
+EVAL_TASKS = (*TASKS, COMMONWORDS, AGREEMENT, PERPLEXITY)  # TASKS are also the model card's grid; the rest are eval-only
+PHRASING_NAMES = tuple(sorted(set(PHRASINGS["passkey"]) & set(PHRASINGS["multikey"])))  # the wordings both needle tasks have
 
 
 @dataclass(frozen=True)
