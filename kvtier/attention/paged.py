@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from kvtier.attention.backend import AttentionBackend
 from kvtier.attention.metadata import AttentionMetadata, DecodeGroup, DecodeHooks, PrefillSpan, ScheduledTokens, group_by_length, prefill_mask
 from kvtier.cache.layer_cache import LayerCache, summarize_blocks
-from kvtier.cache.ops import token_slots
+from kvtier.cache.ops import block_slots, token_slots
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -53,8 +53,7 @@ def decode_attention(q: torch.Tensor, cache: LayerCache, group: DecodeGroup, sca
         probs = scores.softmax(-1, dtype=torch.float32)
         torch.bmm(probs.to(q.dtype), values, out=out[:, h])
         if hooks is not None and hooks.observes_decode:
-            slots = (block_ids.view(batch, -1, 1) * group.block_size + torch.arange(group.block_size, device=q.device)).flatten(1)
-            hooks.observe_decode(cache, h, slots, probs)
+            hooks.observe_decode(cache, h, block_slots(block_ids.view(batch, -1), group.block_size), probs)
         if probs_out is not None:
             heads.append(probs)
     if probs_out is not None:

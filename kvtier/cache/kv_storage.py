@@ -14,7 +14,7 @@ import torch
 
 from kvtier.cache.layer_cache import LayerCache, summarize_blocks
 from kvtier.cache.memory_plan import GroupPlan, MemoryPlan
-from kvtier.cache.ops import CacheOps, Compaction, MoveKind
+from kvtier.cache.ops import CacheOps, Compaction, MoveKind, block_slots
 from kvtier.cache.specs import FullAttentionSpec, KVCacheSpec, MambaSpec, SlidingWindowSpec
 
 
@@ -64,8 +64,7 @@ class AttentionStorage(GroupStorage):
         return [self.device, self.host, *(self.stats or ()), *(self.summary or ())]
 
     def _slots(self, blocks: list[int], device: torch.device) -> torch.Tensor:
-        ids = torch.tensor(blocks, dtype=torch.long, device=device)
-        return (ids[:, None] * self.block_size + torch.arange(self.block_size, device=device)).flatten()
+        return block_slots(torch.tensor(blocks, dtype=torch.long, device=device), self.block_size)
 
     def move(self, kind: MoveKind, pairs: list[tuple[int, int]]) -> None:
         src, dst = _spaces(self.device, self.host)[kind]

@@ -17,6 +17,12 @@ def token_slots(block_ids: torch.Tensor, positions: torch.Tensor, block_size: in
     return block_ids[positions // block_size] * block_size + positions % block_size
 
 
+def block_slots(block_ids: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Every slot of each block, in order: [..., n] block ids -> [..., n * block_size] slots."""
+    slots = block_ids[..., None] * block_size + torch.arange(block_size, device=block_ids.device)
+    return slots.flatten(-2)
+
+
 @dataclass(frozen=True)
 class Compaction:
     """Slot ``src[l, h, i]`` of layer l (of the group) and KV head h moves to slot ``dst[i]``; every source is read

@@ -14,6 +14,7 @@ import torch
 
 from kvtier.attention.metadata import BlockSelection, DecodeGroup
 from kvtier.cache.layer_cache import LayerCache
+from kvtier.cache.ops import block_slots
 from kvtier.kv_methods.base import KVMethod, KVMethodConfig
 
 
@@ -46,7 +47,7 @@ class Quest(KVMethod):
         upper = upper.masked_fill(index == (have - 1)[:, None], float("inf"))  # the block being written
         chosen = upper.topk(int(want.max()), dim=-1).indices  # [Hkv, rows, k], best first
         ids = table.expand(kv_heads, -1, -1).gather(2, chosen)
-        positions = (chosen[..., None] * bs + torch.arange(bs, device=q.device)).flatten(2)  # [Hkv, rows, k * bs]
+        positions = block_slots(chosen, bs)  # [Hkv, rows, k * bs]: a chosen block's index in the row's table is its keys' positions
         ranked = (torch.arange(chosen.shape[-1], device=q.device)[None, :] < want[:, None]).repeat_interleave(bs, dim=-1)
         visible = (positions < group.context_lens[None, :, None]) & ranked[None]
         return BlockSelection(ids.flatten(1), visible[:, :, None, :])

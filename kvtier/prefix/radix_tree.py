@@ -143,8 +143,9 @@ class RadixTree:
             if cut in states and not node.state:
                 node.state = True
                 self.bytes_used += self.costs.state_bytes
-        for n in self._walk(tokens)[0]:
-            n.last_access = self.clock if self.policy.name != "marconi" or n.depth >= matched else n.last_access
+        for n in self._walk(tokens)[0]:  # marconi refreshes only what this request added; the others the whole path
+            if self.policy.name != "marconi" or n.depth >= matched:
+                n.last_access = self.clock
 
     def _has_state(self, path: list[Node], length: int) -> bool:
         return any(n.depth == length and n.state for n in path)
