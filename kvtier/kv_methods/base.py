@@ -121,3 +121,15 @@ class KVMethod:
         """K/V rows one decode query reads per layer and KV head from a cache of ``num_slots`` (the method's own reads
         included): what a step's attention costs in memory traffic."""
         return num_slots
+
+
+def prompt_attention(queries: torch.Tensor, keys: torch.Tensor, first: int) -> torch.Tensor:
+    """The causal attention of the prompt queries at positions ``first`` .. ``first + w - 1`` over the prompt's keys:
+    queries [w, H, D], keys [Hkv, n, D] -> probabilities [Hkv, H / Hkv, w, n] in fp32, the query heads grouped under
+    the KV head they share."""
+    w, heads, dim = queries.shape
+    kv_heads, n, _ = keys.shape
+    q = queries.float().view(w, kv_heads, heads // kv_heads, dim).permute(1, 2, 0, 3)  # [Hkv, g, w, D]
+    scores = torch.einsum("hgwd,hnd->hgwn", q, keys.float()) / math.sqrt(dim)
+    visible = torch.arange(n, device=keys.device)[None, :] <= torch.arange(first, first + w, device=keys.device)[:, None]
+    return scores.masked_fill(~visible, float("-inf")).softmax(-1)

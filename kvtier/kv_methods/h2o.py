@@ -15,14 +15,13 @@ block of tokens at a time.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from kvtier.cache.layer_cache import LayerCache
 from kvtier.errors import InvalidArgumentError
-from kvtier.kv_methods.base import ALL_QUERIES, DecodeCache, KVMethod, KVMethodConfig, PromptCache
+from kvtier.kv_methods.base import ALL_QUERIES, DecodeCache, KVMethod, KVMethodConfig, PromptCache, prompt_attention
 
 QUERY_CHUNK = 256  # prompt queries scored at once: bounds the [heads, chunk, tokens] probabilities held
 
@@ -91,15 +90,7 @@ class H2O(KVMethod):
 def received_attention(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """queries [n, H, D], keys [Hkv, n, D] of the same n tokens -> [Hkv, n]: the causal attention each key received,
     summed over every query and over the query heads sharing its KV head (fp32)."""
-    n, heads, dim = queries.shape
-    kv_heads = keys.shape[0]
-    k = keys.float()
-    total = torch.zeros(kv_heads, n, device=keys.device)
-    pos = torch.arange(n, device=keys.device)
-    for lo in range(0, n, QUERY_CHUNK):
-        q = queries[lo : lo + QUERY_CHUNK].float()
-        q = q.view(q.shape[0], kv_heads, heads // kv_heads, dim).permute(1, 2, 0, 3)  # [Hkv, g, c, D]
-        scores = torch.einsum("hgcd,hnd->hgcn", q, k) / math.sqrt(dim)
-        visible = pos[None, :] <= pos[lo : lo + q.shape[2], None]
-        total += scores.masked_fill(~visible, float("-inf")).softmax(-1).sum((1, 2))
+    total = torch.zeros(keys.shape[0], keys.shape[1], device=keys.device)
+    for lo in range(0, queries.shape[0], QUERY_CHUNK):
+        total += prompt_attention(queries[lo : lo + QUERY_CHUNK], keys, lo).sum((1, 2))
     return total

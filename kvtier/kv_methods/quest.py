@@ -15,6 +15,7 @@ import torch
 from kvtier.attention.metadata import BlockSelection, DecodeGroup
 from kvtier.cache.layer_cache import LayerCache
 from kvtier.cache.ops import block_slots
+from kvtier.cache.specs import blocks_needed
 from kvtier.kv_methods.base import KVMethod, KVMethodConfig
 
 
@@ -26,15 +27,15 @@ class Quest(KVMethod):
 
     def _blocks(self, context: int, block_size: int) -> int:
         """Blocks read by a query with ``context`` tokens before it (its own included)."""
-        return -(-self.config.kept(context) // block_size)
+        return blocks_needed(self.config.kept(context), block_size)
 
     def select_blocks(self, q: torch.Tensor, cache: LayerCache, group: DecodeGroup) -> BlockSelection | None:
         bs, rows = group.block_size, group.size
         table = group.block_ids.view(rows, -1)  # [rows, W], padded with block 0
         width = table.shape[1]
         contexts = group.context_lens.tolist()
-        have = torch.tensor([-(-c // bs) for c in contexts], device=q.device)
-        want = torch.tensor([min(self._blocks(c, bs), -(-c // bs)) for c in contexts], device=q.device)
+        have = torch.tensor([blocks_needed(c, bs) for c in contexts], device=q.device)
+        want = torch.minimum(torch.tensor([self._blocks(c, bs) for c in contexts], device=q.device), have)
         if bool((want == have).all()):
             return None
         kv_heads, _, dim = cache.k.shape
@@ -53,5 +54,5 @@ class Quest(KVMethod):
         return BlockSelection(ids.flatten(1), visible[:, :, None, :])
 
     def tokens_read(self, num_slots: int, block_size: int) -> int:
-        blocks = -(-num_slots // block_size)
+        blocks = blocks_needed(num_slots, block_size)
         return min(blocks, self._blocks(num_slots, block_size)) * block_size + 2 * blocks  # + each block's min and max

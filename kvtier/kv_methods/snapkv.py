@@ -9,14 +9,13 @@ the best-scored keys. kvpress pools by average; the paper max-pools, ``pooling: 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from kvtier.errors import InvalidArgumentError
-from kvtier.kv_methods.base import KVMethod, KVMethodConfig, PromptCache
+from kvtier.kv_methods.base import KVMethod, KVMethodConfig, PromptCache, prompt_attention
 
 
 @dataclass(frozen=True)
@@ -56,12 +55,9 @@ class SnapKV(KVMethod):
 
     def _keep(self, queries: torch.Tensor, keys: torch.Tensor, kept: int) -> torch.Tensor:
         """queries [w, H, D], keys [Hkv, n, D] -> the kept positions [Hkv, kept], ascending."""
-        window, heads, dim = queries.shape
+        window, heads, _ = queries.shape
         kv_heads, n, _ = keys.shape
-        q = queries.float().view(window, kv_heads, heads // kv_heads, dim).permute(1, 2, 0, 3)  # [Hkv, g, w, D]
-        scores = torch.einsum("hgwd,hnd->hgwn", q, keys.float()) / math.sqrt(dim)
-        visible = torch.arange(n)[None, :] <= torch.arange(n - window, n)[:, None]  # [w, n]: causal inside the window
-        probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)[..., : n - window]
+        probs = prompt_attention(queries, keys, n - window)[..., : n - window]  # causal inside the window
         votes = probs.mean(2).flatten(0, 1)  # [Hkv * g, n - w]: the window's mean attention per query head
         pool = F.avg_pool1d if self.config.pooling == "avg" else F.max_pool1d
         votes = pool(votes[:, None], self.config.kernel_size, stride=1, padding=self.config.kernel_size // 2)[:, 0]
