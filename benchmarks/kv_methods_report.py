@@ -12,10 +12,10 @@ column is every method's 100% point.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from report_io import write_report
 from sliding_window import peak_decoding, random_prompts
 
 from kvtier import LLM
@@ -81,11 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     mem = capacity(args.model, args.methods, args.capacity_budget, args.capacity_prompt_len, 32, 4, args.dtype)
     result = {"machine": machine_line(), "args": {k: str(v) for k, v in vars(args).items()}, "accuracy": accuracy, "capacity": mem}
     table = "\n\n".join([markdown_table(accuracy), capacity_table(mem, args.methods)])
-    print(table)
-    if args.json_out:
-        args.json_out.write_text(json.dumps(result, indent=1) + "\n")
-    if args.markdown_out:
-        args.markdown_out.write_text(table + "\n")
+    write_report(result, table, args.json_out, args.markdown_out)
     if args.plot_out:
         plot_scores([accuracy], args.plot_out)
     return 0

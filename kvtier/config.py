@@ -12,6 +12,9 @@ from kvtier.cache.prefix_cache import HASH_ALGOS
 from kvtier.errors import InvalidArgumentError
 from kvtier.kv_methods.registry import build_method, parse_config
 from kvtier.models.embedded import DEFAULT_MODEL, resolve_model
+from kvtier.prefix.radix_tree import POLICIES
+
+PREFIX_CACHE_POLICIES = ("hash", *POLICIES)
 
 GiB = 1 << 30
 
@@ -36,7 +39,9 @@ class EngineArgs:
     kv_cache_memory: int | None = None  # bytes of KV cache; None: 1 GiB on CPU, from gpu_memory_utilization on GPU
     gpu_memory_utilization: float = 0.9  # fraction of GPU memory for weights + activations + KV cache
     swap_space: float = 4.0  # GiB of host memory for swapped-out blocks
-    enable_prefix_caching: bool | None = None  # None: on, except for a hybrid, whose recurrent state no block hash can resume
+    enable_prefix_caching: bool | None = None  # None: on
+    prefix_cache_policy: str | None = None  # "hash" (block hashes) for attention-only models; "marconi", "sglang+" or "vllm+" for hybrids (None: marconi)
+    prefix_cache_alpha: float | None = None  # marconi's weight of FLOP efficiency against recency; None: tuned on the requests served
     prefix_caching_hash_algo: str = "sha256"  # vLLM's flag: "sha256", or "builtin" (Python's hash: faster, collides more; hits stay exact)
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
@@ -60,7 +65,12 @@ class EngineArgs:
             if getattr(self, name) not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half", "float"):
                 raise InvalidArgumentError(name, f"must be one of auto, float32, bfloat16, float16; got {getattr(self, name)!r}")
         if self.enable_prefix_caching not in (None, True, False):
-            raise InvalidArgumentError("enable_prefix_caching", f"must be True, False or None (on unless a hybrid), got {self.enable_prefix_caching!r}")
+            raise InvalidArgumentError("enable_prefix_caching", f"must be True, False or None (on), got {self.enable_prefix_caching!r}")
+        if self.prefix_cache_policy not in (None, *PREFIX_CACHE_POLICIES):
+            raise InvalidArgumentError("prefix_cache_policy", f"must be one of {', '.join(PREFIX_CACHE_POLICIES)}, got {self.prefix_cache_policy!r}")
+        if self.prefix_cache_alpha is not None and not (isinstance(self.prefix_cache_alpha, (int, float)) and not isinstance(self.prefix_cache_alpha, bool)
+                                                        and 0 <= self.prefix_cache_alpha <= 100):
+            raise InvalidArgumentError("prefix_cache_alpha", f"must be a number in [0, 100], or None to tune it; got {self.prefix_cache_alpha!r}")
         if self.mamba_full_memory_ratio is not None and not (isinstance(self.mamba_full_memory_ratio, (int, float))
                                                              and 0 < self.mamba_full_memory_ratio < float("inf")):
             raise InvalidArgumentError("mamba_full_memory_ratio", f"must be a number > 0, or None for the default split; got {self.mamba_full_memory_ratio!r}")

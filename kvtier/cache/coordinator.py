@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from kvtier.cache.memory_plan import MemoryPlan
 from kvtier.cache.ops import CacheOps
 from kvtier.cache.sliding_window import SlidingWindowManager
 from kvtier.cache.specs import FullAttentionSpec, KVCacheSpec, MambaSpec, SlidingWindowSpec
+
+if TYPE_CHECKING:
+    from kvtier.cache.state_prefix_cache import StatePrefixCache
 
 MANAGERS: dict[type[KVCacheSpec], type[FullAttentionManager]] = {
     FullAttentionSpec: FullAttentionManager,
@@ -47,6 +51,7 @@ class KVCacheCoordinator:
                          for g in plan.groups]
         self.group_layers = [g.group.layers for g in plan.groups]  # each group's model layers, in its storage order
         self.prefix_queries = 0  # prompt tokens looked up
+        self.state_prefix: StatePrefixCache | None = None  # a hybrid's prefix cache of state checkpoints, set by the engine
         self.prefix_hits = 0  # prompt tokens found
 
     # ---- queries -------------------------------------------------------------------------
@@ -68,7 +73,10 @@ class KVCacheCoordinator:
 
     # ---- prefix hits ---------------------------------------------------------------------
     def computed_prefix(self, token_ids: Sequence[int]) -> PrefixHit:
-        """The longest prefix of whole blocks every group can reuse, leaving at least one token to compute."""
+        """The longest prefix of whole blocks every group can reuse (with a state prefix cache: the deepest checkpoint),
+        leaving at least one token to compute."""
+        if self.state_prefix is not None:
+            return self.state_prefix.hit(token_ids[:-1]) or PrefixHit(0, tuple([] for _ in self.managers))
         n = max(0, len(token_ids) - 1) // self.block_size
         known = [m.cached_prefix(token_ids, n) for m in self.managers]
         while True:  # each group's longest hit within n; a shorter one bounds the others, until all agree
@@ -77,6 +85,11 @@ class KVCacheCoordinator:
                 break
             n = shortest
         return PrefixHit(n * self.block_size, tuple(m.hit_blocks(k, n) for m, k in zip(self.managers, known)))
+
+    def reclaim(self) -> bool:
+        """Free cached state the prefix cache holds (its policy's next victim), so a pool that ran short can serve running
+        requests; False when there is nothing to give back. Block-hash hits need none: their pools evict on demand."""
+        return self.state_prefix is not None and self.state_prefix.reclaim()
 
     def record_prefix_lookup(self, queried_tokens: int, hit_tokens: int) -> None:
         self.prefix_queries += queried_tokens

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import logging
 import time
 from dataclasses import replace
 
@@ -15,6 +14,7 @@ from kvtier.cache.coordinator import KVCacheCoordinator
 from kvtier.cache.kv_storage import KVStorage
 from kvtier.cache.memory_plan import MemoryPlan, kv_budget_bytes
 from kvtier.cache.specs import kv_cache_groups
+from kvtier.cache.state_prefix_cache import StatePrefixCache
 from kvtier.config import EngineArgs, GiB
 from kvtier.engine.branching import Branching
 from kvtier.engine.checkpoints import Checkpoints, check_checkpoint_args
@@ -31,11 +31,11 @@ from kvtier.models.config import ModelConfig, parse_dtype
 from kvtier.models.loader import load_model, resolve_model_path
 from kvtier.models.registry import model_class
 from kvtier.outputs import RequestMetrics, RequestOutput
+from kvtier.prefix.costs import HybridCosts
+from kvtier.prefix.radix_tree import Policy
 from kvtier.sampling.sampler import Sampler, SamplingRow, compute_logprobs
 from kvtier.sampling_params import BeamSearchParams, SamplingParams
 from kvtier.tokenizer import Tokenizer
-
-logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
@@ -64,7 +64,10 @@ class LLMEngine:
         self.memory_plan = MemoryPlan.split(groups, kv_budget_bytes(args, cfg, self.device), swap, self.max_model_len, budget,
                                             args.mamba_full_memory_ratio)
         self._check_plan()
-        self.kv = KVCacheCoordinator(self.memory_plan, budget, self._prefix_caching(), args.prefix_caching_hash_algo)
+        self.prefix_cache_policy = self._prefix_cache_policy()
+        self.kv = KVCacheCoordinator(self.memory_plan, budget, self.prefix_cache_policy == "hash", args.prefix_caching_hash_algo)
+        if self.prefix_cache_policy not in (None, "hash"):
+            self.kv.state_prefix = self._state_prefix_cache(self.prefix_cache_policy)
         self.storage = KVStorage(self.memory_plan, self.device)
         self.scheduler = Scheduler(self.kv, args.max_num_seqs, budget, args.enable_chunked_prefill, args.preemption_mode)
         self.runner = ModelRunner(self.model, self.storage, [g.spec for g in groups], self.device, self.attention,
@@ -85,17 +88,29 @@ class LLMEngine:
         ssm = conv if self.args.mamba_ssm_cache_dtype == "auto" else parse_dtype(self.args.mamba_ssm_cache_dtype, "mamba_ssm_cache_dtype")
         return conv, ssm
 
-    def _prefix_caching(self) -> bool:
-        """On by default; off for a hybrid, where reusing the K/V of a block-hash hit would still leave its Mamba2 state to
-        recompute from the start (Marconi's prefix cache, its own issue, keeps states at chosen positions)."""
-        asked = self.args.enable_prefix_caching
-        if not self.model_config.mamba_layers:
-            return asked is not False
-        if asked:
-            raise InvalidArgumentError("enable_prefix_caching", f"must be off for the hybrid {self.model_config.architecture}: its Mamba2 layers "
-                                       "keep one recurrent state per sequence, which cannot be cut back to a cached prefix; leave it unset")
-        logger.info("prefix caching is off: %s is a hybrid (attention + Mamba2) model", self.model_config.architecture)
-        return False
+    def _prefix_cache_policy(self) -> str | None:
+        """None (off), "hash" (block hashes, attention-only models) or a state-checkpoint tree policy (hybrids: a block
+        hash cannot resume a Mamba2 state, which only a checkpoint at exactly the hit's length can)."""
+        args, cfg = self.args, self.model_config
+        if args.enable_prefix_caching is False:
+            return None
+        hybrid = bool(cfg.mamba_layers)
+        policy = args.prefix_cache_policy or ("marconi" if hybrid else "hash")
+        if hybrid == (policy == "hash"):
+            allowed = "marconi, sglang+ or vllm+ (a hybrid's states need checkpoints)" if hybrid else "hash (the tree policies serve hybrids)"
+            raise InvalidArgumentError("prefix_cache_policy", f"must be {allowed} for {cfg.architecture}, got {policy!r}")
+        if args.prefix_cache_alpha is not None and policy != "marconi":
+            raise InvalidArgumentError("prefix_cache_alpha", f"applies to the marconi policy only, got it with {policy!r}")
+        return policy
+
+    def _state_prefix_cache(self, policy: str) -> StatePrefixCache:
+        """The tree sized by the model's real bytes (a checkpoint: one slot of every Mamba2 group) and the whole KV budget."""
+        plan = self.memory_plan
+        state_bytes = sum(g.bytes_per_block for g in plan.groups if not g.group.bytes_per_token)
+        costs = HybridCosts.from_model(self.model_config, plan.bytes_per_token, state_bytes)
+        alpha = self.args.prefix_cache_alpha
+        return StatePrefixCache(self.kv, costs, plan.budget_bytes, Policy(policy, alpha=alpha or 0.0, block_size=plan.block_size),
+                                tune=policy == "marconi" and alpha is None)
 
     def _kv_method(self) -> KVMethod | None:
         """The engine's KV method; for now it needs every layer to be full attention (a window's or a Mamba2 layer's
@@ -265,6 +280,7 @@ class LLMEngine:
         for req in plan.to_sample:
             for s in req.seqs:
                 if s.finished and self.kv.has(s.seq_id):
+                    self.checkpoints.keep(s)
                     self.kv.free(s.seq_id)
             if not req.live_seqs:
                 self._retire(req)
@@ -277,6 +293,7 @@ class LLMEngine:
         back, it leaves the scheduler, and it is counted once."""
         assert not req.live_seqs, "a request retires only when each of its sequences has a finish reason"
         for s in req.seqs:
+            self.checkpoints.keep(s)
             self.kv.free(s.seq_id)
         self.checkpoints.retire(req)
         self.compression.retire([s.seq_id for s in req.seqs])

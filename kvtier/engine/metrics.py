@@ -36,10 +36,13 @@ def engine_metrics(engine: LLMEngine, with_waste: bool = True) -> dict[str, floa
     groups = list(zip(kv.managers, plan.groups))
     tokens = [m for m, _ in groups if m.spec.bytes_per_token]
     state = [(m, g) for m, g in groups if not m.spec.bytes_per_token]
+    # blocks (slots) a hybrid's prefix cache alone holds count as cached, not used, as block-hash ones do
+    tree = kv.state_prefix.cached_blocks() if kv.state_prefix is not None else [0] * len(groups)
+    tree_of = {id(m): n for m, n in zip(kv.managers, tree)}
     total = sum(m.pool.num_blocks for m in tokens)
-    used = sum(_used(m.pool) for m in tokens)
-    cached = sum(m.pool.num_cached_unused for m in tokens)
-    held = sum(_used(m.pool) * g.bytes_per_block for m, g in groups)
+    used = sum(_used(m.pool) - tree_of[id(m)] for m in tokens)
+    cached = sum(m.pool.num_cached_unused + tree_of[id(m)] for m in tokens)
+    held = sum((_used(m.pool) - tree_of[id(m)]) * g.bytes_per_block for m, g in groups)
     out = {
         "num_requests_running": len(sched.running),
         "num_requests_waiting": len(sched.waiting),
@@ -55,7 +58,7 @@ def engine_metrics(engine: LLMEngine, with_waste: bool = True) -> dict[str, floa
         "cache_bytes_used": held,  # K/V blocks and state slots in use, every group, on the device
         "kv_blocks_total": total,
         "kv_blocks_used": used,
-        "kv_blocks_free": sum(m.pool.num_free for m in tokens) - cached,
+        "kv_blocks_free": sum(m.pool.num_free - m.pool.num_cached_unused for m in tokens),
         "kv_blocks_cached": cached,
         "kv_host_blocks_total": sum(m.host_pool.num_blocks for m in tokens),
         "kv_host_blocks_used": sum(_used(m.host_pool) for m in tokens),
@@ -65,10 +68,15 @@ def engine_metrics(engine: LLMEngine, with_waste: bool = True) -> dict[str, floa
     if state:
         out.update({
             "mamba_slots_total": sum(m.pool.num_blocks for m, _ in state),
-            "mamba_slots_used": sum(_used(m.pool) for m, _ in state),
+            "mamba_slots_used": sum(_used(m.pool) - tree_of[id(m)] for m, _ in state),
+            "mamba_slots_cached": sum(tree_of[id(m)] for m, _ in state),
             "mamba_host_slots_used": sum(_used(m.host_pool) for m, _ in state),
             "mamba_bytes_per_slot": sum(g.bytes_per_block for _, g in state),
         })
+    if kv.state_prefix is not None:
+        tree = kv.state_prefix.tree
+        out.update({"prefix_cache_states": tree.num_states, "prefix_cache_evictions": tree.evictions,
+                    "prefix_cache_bytes": tree.bytes_used, "prefix_cache_alpha": tree.policy.alpha})
     if with_waste:
         waste = kv_waste_slots(engine)
         out["kv_waste_slots"] = waste

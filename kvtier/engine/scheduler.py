@@ -1,8 +1,9 @@
 """Iteration-level scheduling: which sequences compute how many tokens this step.
 
 FCFS with a token budget per step (chunked prefill) and a cap on running requests. When
-blocks run out, the latest-arrived running request is preempted whole: swapped to host
-memory (``preemption_mode="swap"``, when the host pool has room) or freed and recomputed later.
+blocks run out, the prefix cache gives back what it holds first (``kv.reclaim``); then the
+latest-arrived running request is preempted whole: swapped to host memory
+(``preemption_mode="swap"``, when the host pool has room) or freed and recomputed later.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ class Scheduler:
             if plan is None:
                 continue  # no budget left this step
             while not self._allocate(req, plan):
+                if self.kv.reclaim():
+                    continue
                 victim = self.running[-1]
                 self._preempt(victim)
                 out.num_preempted += 1
@@ -153,6 +156,8 @@ class Scheduler:
             req = self.swapped[0]
             seq_ids = [s.seq_id for s in req.live_seqs]
             plan = self._plan(req, budget)
+            while plan is not None and not self.kv.can_swap_in(seq_ids) and self.kv.reclaim():
+                pass
             if plan is None or not self.kv.can_swap_in(seq_ids):
                 break
             self.swapped.popleft()
@@ -181,6 +186,8 @@ class Scheduler:
             if plan is None or not self._admit_blocks(req, plan, prefixes):
                 for s in req.live_seqs:
                     s.num_computed_tokens = 0
+                if plan is not None and self.kv.reclaim():
+                    continue  # look the prefix up again: the hit itself may have been given back
                 break
             self.waiting.popleft()
             for s in req.live_seqs:

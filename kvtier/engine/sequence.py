@@ -37,6 +37,7 @@ class Sequence:
     text: str = ""
     detokenizer: object | None = None  # IncrementalDetokenizer while text is needed token by token
     checkpoint_at: list[int] = field(default_factory=list)  # positions (tokens computed) whose cache state to keep, ascending
+    cache_state_at: list[int] = field(default_factory=list)  # positions whose state the prefix cache wants kept, ascending
     compress_at: int | None = None  # where a KV method evicts (the prompt's end); a chunk stops there, recomputed or not
     compute_from: int | None = None  # a prefix hit stops here: a KV method reads the queries of the tokens from here on
     num_evicted: int = 0  # tokens a KV method dropped from the cache: token at position p >= the prompt's end is in slot p - num_evicted
@@ -46,7 +47,7 @@ class Sequence:
 
     def until_checkpoint(self, n: int) -> int:
         """``n`` new tokens, or fewer so that a chunk stops at the next checkpoint or compression position."""
-        stops = [*self.checkpoint_at, *(() if self.compress_at is None else (self.compress_at,))]
+        stops = [*self.checkpoint_at, *self.cache_state_at, *(() if self.compress_at is None else (self.compress_at,))]
         ahead = [p for p in stops if p > self.num_computed_tokens]
         return min(n, min(ahead) - self.num_computed_tokens) if ahead else n
 

@@ -113,7 +113,7 @@ def cmd_info(ns: argparse.Namespace) -> int:
         "max_model_len": engine.max_model_len,
         "attention_layers": list(cfg.attention_layers),
         "mamba_layers": list(cfg.mamba_layers),
-        "prefix_caching": engine.kv.prefix_caching,
+        "prefix_cache_policy": engine.prefix_cache_policy,
         "kv_method": engine.compression.describe(),
         "memory_plan": {
             "kv_budget_bytes": plan.budget_bytes,
@@ -165,9 +165,11 @@ def info_summary(model: str, info: dict) -> str:
                                        f"of {_size(g['bytes_per_block'])}, {held}; {g['num_host_blocks']} host {unit}"))
     rows.append(("blocks now", f"{kv['kv_blocks_free']} free, {kv['kv_blocks_cached']} cached, {kv['kv_blocks_used']} used"))
     if info["mamba_layers"]:
-        rows.append(("slots now", f"{kv['mamba_slots_total'] - kv['mamba_slots_used']} free, {kv['mamba_slots_used']} used"))
-    rows.append(("prefix caching", "on" if info["prefix_caching"] else
-                 "off" + (" (a hybrid's Mamba2 state cannot be cut back to a cached prefix)" if info["mamba_layers"] else "")))
+        free = kv["mamba_slots_total"] - kv["mamba_slots_used"] - kv["mamba_slots_cached"]
+        rows.append(("slots now", f"{free} free, {kv['mamba_slots_cached']} cached, {kv['mamba_slots_used']} used"))
+    policy = info["prefix_cache_policy"]
+    rows.append(("prefix caching", "off" if policy is None else "on, block hashes" if policy == "hash" else
+                 f"on, {policy}: a tree of state checkpoints (docs/prefix-caching.md)"))
     method = info["kv_method"]
     rows.append(("KV method", method["name"] + "".join(f", {k} {v}" for k, v in method.items() if k != "name")))
     width = max(len(label) for label, _ in rows) + 3

@@ -11,6 +11,10 @@ of about 409 tokens across its attention layers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvtier.models.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -20,26 +24,24 @@ class HybridCosts:
     num_mlp: int
     d_model: int
     state_size: int  # N
-    kv_dim: int  # K (or V) width per token in one attention layer: d_model without GQA
-    dtype_bytes: int = 2
-    conv_kernel: int = 4
+    kv_bytes_per_token: int  # K and V of one token in every attention layer
+    state_bytes: int  # one checkpoint: every Mamba2 layer's SSM and conv state (0 for a model without Mamba2 layers)
 
     @classmethod
     def paper_7b(cls) -> HybridCosts:
-        """The NVIDIA Attention-Mamba2 hybrid "7B" of the paper's evaluation (arXiv 2406.07887)."""
-        return cls(num_attention=4, num_ssm=24, num_mlp=28, d_model=4096, state_size=128, kv_dim=4096)
+        """The NVIDIA Attention-Mamba2 hybrid "7B" of the paper's evaluation (arXiv 2406.07887), sized as the authors' code
+        sizes it: K/V of d_model per token and attention layer, a state of d x N plus a conv state of (2d + 2N) x 4, fp16."""
+        d, n, fp16 = 4096, 128, 2
+        return cls(num_attention=4, num_ssm=24, num_mlp=28, d_model=d, state_size=n, kv_bytes_per_token=4 * 2 * d * fp16,
+                   state_bytes=24 * (d * n * fp16 + (2 * d + 2 * n) * 4 * fp16))
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """K and V of one token in every attention layer."""
-        return self.num_attention * 2 * self.kv_dim * self.dtype_bytes
-
-    @property
-    def state_bytes(self) -> int:
-        """One checkpoint: every Mamba2 layer's SSM and conv state (0 for a model without Mamba2 layers)."""
-        d, n = self.d_model, self.state_size
-        return self.num_ssm * (d * n * self.dtype_bytes + (2 * d + 2 * n) * self.conv_kernel * self.dtype_bytes)
-
+    @classmethod
+    def from_model(cls, cfg: ModelConfig, kv_bytes_per_token: int, state_bytes: int) -> HybridCosts:
+        """A served model's: its layer counts (every attention and Mamba2 layer of a Bamba block has an MLP too; a
+        NemotronH model's MLPs are layers of their own) with the bytes its cache really takes."""
+        mlps = len(cfg.mlp_layers) if cfg.mlp_layers else cfg.num_hidden_layers
+        return cls(num_attention=len(cfg.attention_layers), num_ssm=len(cfg.mamba_layers), num_mlp=mlps, d_model=cfg.hidden_size,
+                   state_size=cfg.mamba.state_size if cfg.mamba else 0, kv_bytes_per_token=kv_bytes_per_token, state_bytes=state_bytes)
     def attention_flops(self, tokens: int) -> float:
         d = self.d_model
         return self.num_attention * (8 * tokens * d * d + 4 * tokens * tokens * d)

@@ -10,7 +10,7 @@ the last 500 of them is kept (ties: the smallest, so the choice does not depend 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kvtier.prefix.costs import HybridCosts
 from kvtier.prefix.radix_tree import Policy, RadixTree
@@ -21,8 +21,9 @@ TUNING_TAIL = 500  # requests whose FLOPs saved decide alpha
 
 @dataclass
 class Replay:
-    policy: str
-    alpha: float | None  # marconi: the alpha tuned (or given)
+    policy: Policy  # as it ended (a tuned alpha in it)
+    tuned: bool = False
+    tuned_at: int | None = None  # requests replayed when alpha was chosen
     input_tokens: list[int] = field(default_factory=list)  # per request
     hit_tokens: list[int] = field(default_factory=list)
     flops_saved: list[float] = field(default_factory=list)
@@ -34,29 +35,25 @@ class Replay:
         return sum(self.hit_tokens) / max(1, sum(self.input_tokens))
 
     def summary(self) -> dict:
-        return {"policy": self.policy, "alpha": self.alpha, "requests": len(self.input_tokens), "token_hit_rate": self.token_hit_rate,
-                "flops_saved": sum(self.flops_saved), "evictions": self.evictions}
+        p = self.policy
+        return {"policy": p.name, "alpha": p.alpha, "tuned": self.tuned, "candidates": p.candidates, "refresh": p.refresh, "requests": len(self.input_tokens),
+                "token_hit_rate": self.token_hit_rate, "flops_saved": sum(self.flops_saved), "evictions": self.evictions}
 
 
-def replay(records: Sequence[dict], costs: HybridCosts, capacity_bytes: int, policy: str, alpha: float | None = None,
-           block_size: int = 32, bootstrap_multiplier: int = 5) -> Replay:
-    """Every request of ``records`` (time order) through a tree of ``capacity_bytes``. For ``marconi``, ``alpha`` None
-    tunes it as above; a number fixes it."""
-    tuned = policy == "marconi" and alpha is None
-    tree = RadixTree(costs, capacity_bytes, Policy(policy, alpha=alpha or 0.0, block_size=block_size))
-    out = Replay(policy, alpha if policy == "marconi" else None)
+def replay(records: Sequence[dict], costs: HybridCosts, capacity_bytes: int, policy: Policy, tune: bool = False,
+           bootstrap_multiplier: int = 5) -> Replay:
+    """Every request of ``records`` (time order) through a tree of ``capacity_bytes`` under ``policy``; ``tune`` starts
+    alpha at 0 and tunes it as above."""
+    tree = RadixTree(costs, capacity_bytes, replace(policy, alpha=0.0) if tune else policy)
+    out = Replay(tree.policy, tuned=tune)
     tune_at = None
     for i, r in enumerate(records):
         _serve(tree, r, out)
-        if tuned and tune_at is None and tree.evictions:
+        if tune and tune_at is None and tree.evictions:
             tune_at = (i + 1) * (1 + bootstrap_multiplier)
-        if tuned and tune_at is not None and i + 1 == tune_at:
-            best = max(ALPHAS, key=lambda a: (_tail_flops(records[: i + 1], costs, capacity_bytes, a, block_size), -a))
-            tree.policy = Policy("marconi", alpha=best, block_size=block_size)
-            out.alpha = best
-            tuned = False
-    if policy == "marconi" and out.alpha is None:
-        out.alpha = 0.0  # never evicted, never tuned: alpha is its starting 0
+        if tune and i + 1 == tune_at:
+            tree.policy = out.policy = replace(policy, alpha=tune_alpha(records[: i + 1], costs, capacity_bytes, policy))
+            out.tuned_at = i + 1
     out.evictions = tree.evictions
     return out
 
@@ -70,6 +67,10 @@ def _serve(tree: RadixTree, record: dict, out: Replay) -> None:
     tree.admit(prompt, record["output_tokens"])
 
 
-def _tail_flops(records: Sequence[dict], costs: HybridCosts, capacity_bytes: int, alpha: float, block_size: int) -> float:
-    r = replay(records, costs, capacity_bytes, "marconi", alpha, block_size)
-    return sum(r.flops_saved[-TUNING_TAIL:])
+def tune_alpha(records: Sequence[dict], costs: HybridCosts, capacity_bytes: int, policy: Policy) -> float:
+    """The alpha of the grid whose replay of ``records`` from an empty tree saves the most FLOPs over the last
+    ``TUNING_TAIL`` of them (ties: the smallest)."""
+    def tail(alpha: float) -> float:
+        return sum(replay(records, costs, capacity_bytes, replace(policy, alpha=alpha)).flops_saved[-TUNING_TAIL:])
+
+    return max(ALPHAS, key=lambda a: (tail(a), -a))

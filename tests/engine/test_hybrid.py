@@ -9,7 +9,6 @@ import torch
 import transformers
 
 from kvtier import LLM, BeamSearchParams, SamplingParams
-from kvtier.errors import InvalidArgumentError
 from tests.engine.test_hf_parity import check_against_hf, prompts_of
 from tests.hf_checkpoints import BAMBA, HYBRIDS, save_hf_checkpoint
 
@@ -87,14 +86,14 @@ def test_beam_search_matches_hf(hybrid_dir):
     assert [o.token_ids for o in out.outputs] == [row[len(prompt):].tolist() for row in gen]
 
 
-def test_prefix_caching_is_off_for_a_hybrid_and_refused_when_asked_for(hybrid_dir):
+def test_a_shared_prefix_is_served_from_the_state_prefix_cache_and_matches_hf(hybrid_dir):
+    """On by default (Marconi's tree, tests/engine/test_state_prefix_cache.py): the second prompt's prefill keeps the state
+    where it leaves the first, and the third resumes from it; every output is transformers' own."""
     llm = LLM(str(hybrid_dir), kv_cache_memory=1 << 22)
     shared = prompts_of([48], 512, seed=6)[0]
-    check_against_hf(hybrid_dir, [shared + [7, 8]], llm=llm)
-    check_against_hf(hybrid_dir, [shared + [9, 10]], llm=llm)
-    assert llm.get_metrics()["prefix_cache_hits"] == 0
-    with pytest.raises(InvalidArgumentError, match="enable_prefix_caching: must be off for the hybrid"):
-        LLM(str(hybrid_dir), enable_prefix_caching=True)
+    for tail in ([7, 8], [9, 10], [11, 12]):
+        check_against_hf(hybrid_dir, [shared + tail], llm=llm)
+    assert llm.get_metrics()["prefix_cache_hits"] == 48
 
 
 def test_state_dtypes_follow_vllms_flags(hybrid_dir):

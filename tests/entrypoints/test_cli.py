@@ -119,7 +119,7 @@ def test_python_dash_m_kvtier_is_the_kvtier_command(model_dir):
     assert bad.returncode == 2 and "top_p" in bad.stderr
 
 
-def test_info_on_a_hybrid_shows_its_state_slots_and_why_prefix_caching_is_off(tmp_path, tokenizer_files):
+def test_info_on_a_hybrid_shows_its_state_slots_and_its_prefix_cache(tmp_path, tokenizer_files):
     from tests.hf_checkpoints import NEMOTRON_H, save_hf_checkpoint
 
     path = save_hf_checkpoint(tmp_path / "nemotron-h", tokenizer_files, "NemotronHForCausalLM", **NEMOTRON_H)
@@ -127,7 +127,7 @@ def test_info_on_a_hybrid_shows_its_state_slots_and_why_prefix_caching_is_off(tm
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     slot = 3 * (192 * 3 + 4 * 32 * 16) * 4  # Mamba2 layers 0, 3, 5: conv state (conv_dim x K-1) + SSM state (heads x head_dim x state), fp32
-    assert info["mamba_layers"] == [0, 3, 5] and info["prefix_caching"] is False
+    assert info["mamba_layers"] == [0, 3, 5] and info["prefix_cache_policy"] == "marconi"
     assert info["memory_plan"]["kv_bytes_per_token"] == 2 * 1 * 2 * 16 * 4  # K+V of the one attention layer (layer 2 is an MLP)
     state, attention = info["memory_plan"]["groups"]
     assert (state["kind"], state["layers"], state["bytes_per_block"], state["max_cached_tokens"]) == ("mamba2 state", [0, 3, 5], slot, None)
@@ -135,6 +135,6 @@ def test_info_on_a_hybrid_shows_its_state_slots_and_why_prefix_caching_is_off(tm
     kv = info["kv_cache"]
     assert (kv["mamba_slots_total"], kv["mamba_slots_used"], kv["mamba_bytes_per_slot"]) == (state["num_blocks"], 0, slot)
     text = kvtier("info", "--model", str(path), "--kv-cache-memory", str(1 << 20)).stdout
-    assert "prefix caching     off (a hybrid's Mamba2 state cannot be cut back to a cached prefix)" in text
+    assert "prefix caching     on, marconi: a tree of state checkpoints" in text
     assert "attention          1 of 6 layers, 4 heads, 2 KV heads of dimension 16" in text, "NemotronH's MLP blocks do not attend"
-    assert f"slots now          {state['num_blocks']} free, 0 used" in text
+    assert f"slots now          {state['num_blocks']} free, 0 cached, 0 used" in text

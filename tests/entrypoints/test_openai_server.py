@@ -145,6 +145,19 @@ def test_disconnect_frees_kv_blocks(server):
     assert metric(server, "kvtier:kv_cache_free_blocks") + metric(server, "kvtier:kv_cache_cached_blocks") == total_free
 
 
+def test_prefix_cache_figures_are_exposed(server, client, model_dir):
+    """Hits for both model kinds; a hybrid's state prefix cache also shows the states it holds and its evictions."""
+    hits = metric(server, "kvtier:prefix_cache_hits_total")
+    shared = [11 + i % 50 for i in range(70)]
+    for tail in ([5, 6], [7, 8], [9, 10]):
+        client.completions.create(model="tiny", prompt=shared + tail, max_tokens=2, temperature=0)
+    assert metric(server, "kvtier:prefix_cache_hits_total") - hits >= 64
+    assert metric(server, "vllm:prefix_cache_hits_total") >= metric(server, "kvtier:prefix_cache_hits_total") - hits
+    if model_dir == "kvtier-tiny-hybrid":
+        assert metric(server, "kvtier:prefix_cache_states") >= 3 and metric(server, "kvtier:prefix_cache_evictions_total") >= 0
+        assert metric(server, "kvtier:mamba_state_slots_cached") >= 3
+
+
 def test_api_key_is_enforced(model_dir):
     proc, url = start_server(model_dir, "--api-key", "sekret")
     try:

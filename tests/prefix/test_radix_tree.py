@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 from kvtier.prefix.costs import HybridCosts
 from kvtier.prefix.radix_tree import POLICIES, Policy, RadixTree
 
-# 1 attention, 1 Mamba2, 1 MLP layer, d 4, N 2, 1-byte values, kernel 1: 8 bytes of K/V a token, a 20-byte state
-TINY = HybridCosts(num_attention=1, num_ssm=1, num_mlp=1, d_model=4, state_size=2, kv_dim=4, dtype_bytes=1, conv_kernel=1)
-ATTENTION_ONLY = HybridCosts(num_attention=1, num_ssm=0, num_mlp=1, d_model=4, state_size=2, kv_dim=4, dtype_bytes=1, conv_kernel=1)
+# 1 attention, 1 Mamba2, 1 MLP layer, d 4, N 2: 8 bytes of K/V a token, a 20-byte state
+TINY = HybridCosts(num_attention=1, num_ssm=1, num_mlp=1, d_model=4, state_size=2, kv_bytes_per_token=8, state_bytes=20)
+ATTENTION_ONLY = HybridCosts(num_attention=1, num_ssm=0, num_mlp=1, d_model=4, state_size=2, kv_bytes_per_token=8, state_bytes=0)
 
 
 def shape(tree: RadixTree) -> list[tuple[int, bool, tuple[int, ...]]]:
@@ -75,6 +75,23 @@ def test_marconi_evicts_by_recency_and_flop_efficiency():
         assert kept in {n.tokens for n in tree.nodes()}, (alpha, shape(tree))
 
 
+def test_flop_efficiency_is_marginal_flops_per_byte_a_hit_keeps_resident():
+    """Hand-worked on TINY (prefill of L tokens: 744 L + 16 L^2 FLOPs; a hit at depth L keeps 8 L + 20 bytes): with
+    recency equal, the leaf (4, 5, 6) below the branch at 3 saves (744 x 3 + 16 x 27) = 2,664 FLOPs beyond its parent
+    for 68 bytes (39.2 a byte), less than the root's children (2,376 for 44 bytes, 54.0), so it goes first, although
+    its own edge and state (44 bytes) would rate it 60.5 a byte, above them."""
+    tree = RadixTree(TINY, 10_000, Policy("marconi", alpha=1.0))
+    tree.admit([1, 2, 3, 4, 5], [6])
+    tree.admit([1, 2, 3, 7], [8])
+    tree.admit([20, 21], [22])
+    tree._evict(next(n for n in tree.nodes() if n.tokens == (7, 8)))
+    for n in tree.nodes():
+        n.last_access = 1
+    assert TINY.prefill_flops(6) - TINY.prefill_flops(3) == 2_664 and TINY.prefill_flops(3) == 2_376
+    assert {n.tokens for n in tree._candidates()} == {(1, 2, 3), (4, 5, 6), (20, 21, 22)}
+    assert tree._victim().tokens == (4, 5, 6)
+
+
 def test_a_single_child_node_gives_up_its_state_and_merges():
     """Marconi's candidates include a node with one child: evicting it frees its state only, and its edge joins the
     child's; SGLang+ evicts leaves only."""
@@ -84,7 +101,8 @@ def test_a_single_child_node_gives_up_its_state_and_merges():
         tree.admit([1, 2, 3, 6], [7])  # a branch state at 3
         tree._evict(next(n for n in tree.nodes() if n.tokens == (6, 7)))
         branch = next(n for n in tree.nodes() if n.depth == 3)
-        assert (branch in tree._candidates()) == (policy == "marconi")
+        branch.last_access = -1  # the least recently used node
+        assert (tree._victim() is branch) == (policy == "marconi")
     tree = RadixTree(TINY, 10_000, Policy("marconi"))
     tree.admit([1, 2, 3, 4], [5])
     tree.admit([1, 2, 3, 6], [7])
@@ -128,3 +146,47 @@ def test_random_streams_keep_every_invariant(stream, policy, capacity, alpha, hy
         tree.admit(prompt, output)
         seen.append(tuple(prompt) + tuple(output))
         check_invariants(tree, set(seen))
+
+
+def prefix_of(node) -> tuple[int, ...]:
+    out = ()
+    while node.parent is not None:
+        out, node = node.tokens + out, node.parent
+    return out
+
+
+inserts = st.lists(st.tuples(st.lists(st.integers(0, 3), min_size=1, max_size=12), st.sets(st.integers(1, 14), max_size=4)),
+                   min_size=1, max_size=25)
+
+
+@settings(max_examples=150, deadline=None)
+@given(inserts, st.sampled_from(["sglang+", "marconi"]), st.integers(60, 600))
+def test_states_inserted_anywhere_land_exactly_or_come_back(stream, policy, capacity):
+    """The engine inserts the states it took, which need not be where the tree would now branch: each payload is held by
+    one node whose prefix is exactly the payload's tokens, or given back through on_release, once; never both."""
+    released: list[object] = []
+    tree = RadixTree(TINY, capacity, Policy(policy), on_release=released.append)
+    made: list[tuple[object, tuple[int, ...]]] = []
+    for tokens, lengths in stream:
+        payloads = {n: object() for n in lengths}
+        made += [(p, tuple(tokens[:n]) if n <= len(tokens) else None) for n, p in payloads.items()]
+        tree.insert(tokens, payloads)
+        held = {id(n.payload): n for n in tree.nodes() if n.payload is not None}
+        gone = [id(p) for p in released]
+        assert len(gone) == len(set(gone)), "a payload is released once"
+        for p, prefix in made:
+            assert (id(p) in held) != (id(p) in gone)
+            if id(p) in held:
+                assert prefix_of(held[id(p)]) == prefix and held[id(p)].state
+        check_invariants(tree, set())
+
+
+def test_an_empty_tree_has_nothing_to_evict():
+    """The engine asks for room whenever a pool runs short, also when the tree holds nothing (the root never goes)."""
+    for policy in POLICIES:
+        tree = RadixTree(TINY, 10_000, Policy(policy, block_size=2))
+        assert tree.match([1, 2, 3]) == 0 and not tree.evict_one()
+        tree.admit([1, 2, 3, 4], [5])
+        while tree.evict_one():
+            pass
+        assert tree.bytes_used == 0 and tree.nodes() == [tree.root] and tree.match([1, 2, 3, 4, 5]) == 0 and not tree.evict_one()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from kvtier.prefix.costs import HybridCosts
-from kvtier.prefix.simulator import replay
+from kvtier.prefix.radix_tree import Policy
+from kvtier.prefix.simulator import ALPHAS, replay
 from kvtier.prefix.traces import COLLAPSED, HEADER, KEEP_OBSERVATIONS, PREAMBLE, generate, read_jsonl, write_jsonl
 
 COSTS = HybridCosts.paper_7b()
@@ -54,14 +55,20 @@ def test_with_room_for_everything_a_chat_turn_reuses_all_of_the_last_one():
         expect.append(last.get(r["session_id"], HEADER if len(last) >= 2 else 0))
         last[r["session_id"]] = r["num_input_tokens"] + r["num_output_tokens"]
     big = 10**15
-    marconi, sglang, vllm = (replay(records, COSTS, big, p) for p in ("marconi", "sglang+", "vllm+"))
+    marconi, sglang, vllm = (replay(records, COSTS, big, Policy(p)) for p in ("marconi", "sglang+", "vllm+"))
     assert marconi.hit_tokens == sglang.hit_tokens == expect and marconi.evictions == 0
     assert all(h % 32 == 0 and h <= e for h, e in zip(vllm.hit_tokens, expect))
     assert marconi.flops_saved[1] == COSTS.prefill_flops(expect[1])
 
 
 def test_a_small_cache_evicts_and_tunes_alpha():
+    """Alpha is chosen once, when the bootstrap window (here as long again as the requests before the first eviction)
+    has passed: the one of the grid whose replay of those requests saves the most FLOPs over their last 500."""
     records = generate("lmsys", num_sessions=8, seed=5)
-    r = replay(records, COSTS, 2 * 10**9, "marconi", bootstrap_multiplier=1)
-    assert r.evictions > 0 and r.alpha is not None and 0 <= r.alpha <= 2.0
+    r = replay(records, COSTS, 2 * 10**9, Policy("marconi"), tune=True, bootstrap_multiplier=1)
+    assert r.evictions > 0 and r.tuned_at is not None
+    first_eviction = next(i for i in range(1, len(records)) if replay(records[:i], COSTS, 2 * 10**9, Policy("marconi")).evictions)
+    assert r.tuned_at == 2 * first_eviction
+    tail = {a: sum(replay(records[: r.tuned_at], COSTS, 2 * 10**9, Policy("marconi", alpha=a)).flops_saved[-500:]) for a in ALPHAS}
+    assert tail[r.policy.alpha] == max(tail.values()) and all(tail[a] < tail[r.policy.alpha] for a in ALPHAS if a < r.policy.alpha)
     assert 0 < r.token_hit_rate < 1 and all(h <= n for h, n in zip(r.hit_tokens, r.input_tokens))

@@ -1,0 +1,104 @@
+"""Prefix caching for a hybrid model: the radix tree of :mod:`kvtier.prefix` (the simulator's own tree and policies)
+whose states are the engine's state checkpoints.
+
+A node's payload is a :class:`~kvtier.cache.checkpoint.StateCheckpoint` of exactly its prefix: the Mamba2 state slot
+as it was after its last token and the K/V blocks of every token before it (blocks several checkpoints share are
+held once, by reference count). A hit resumes from the deepest matched node's checkpoint, as ``start_from`` does.
+Which states the engine takes is the policy's: for ``sglang+`` and ``marconi`` the one where the prompt leaves the
+tree (found before its prefill, taken when a chunk ends there) and the one after the last computed token; for
+``vllm+`` one at every block boundary. The tree's capacity is counted with the model's real bytes, and when a
+pool runs short the scheduler asks for room (``reclaim``) before it preempts anyone: the policy's next victim
+gives its checkpoint back. Marconi's alpha is tuned as in the simulator, over the requests served so far: once the
+bootstrap window after the first eviction has passed, and again after each window as long.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from kvtier.cache.block_pool import KVBlock
+from kvtier.cache.checkpoint import StateCheckpoint
+from kvtier.prefix.costs import HybridCosts
+from kvtier.prefix.radix_tree import Policy, RadixTree
+from kvtier.prefix.simulator import tune_alpha
+
+if TYPE_CHECKING:
+    from kvtier.cache.coordinator import KVCacheCoordinator, PrefixHit
+
+TUNING_HISTORY = 2_000  # the most recent requests a tuning replays
+
+
+class StatePrefixCache:
+    def __init__(self, kv: KVCacheCoordinator, costs: HybridCosts, capacity_bytes: int, policy: Policy, tune: bool = False,
+                 bootstrap_multiplier: int = 5) -> None:
+        self.kv = kv
+        self.tree = RadixTree(costs, capacity_bytes, policy, on_release=kv.release)
+        self.tune = tune
+        self.bootstrap_multiplier = bootstrap_multiplier
+        self.history: list[dict] = []  # the latest served requests, as the simulator's records (when tuning)
+        self.served = 0
+        self.tunings: list[tuple[int, float]] = []  # (requests served, alpha chosen)
+        self._window: int | None = None  # requests between tunings, set at the first eviction
+        self._next_tuning: int | None = None
+
+    @property
+    def block_states(self) -> bool:
+        """vLLM+: a state at every block boundary, prompt and output alike."""
+        return self.tree.policy.name == "vllm+"
+
+    def state_positions(self, prompt: Sequence[int]) -> list[int]:
+        """Where this prompt's prefill stops to keep a state for the tree (speculative insertion; vLLM+: every block)."""
+        if self.block_states:
+            return list(range(self.tree.unit, len(prompt) + 1, self.tree.unit))
+        branch = self.tree.branch_point(prompt)
+        return [] if branch is None else [branch]
+
+    def hit(self, token_ids: Sequence[int]) -> PrefixHit | None:
+        """The deepest checkpoint whose tokens ``token_ids`` starts with, as a prefix hit (None: none)."""
+        node = self.tree.lookup(token_ids)
+        return None if node.payload is None else self.kv.resume_hit(node.payload)
+
+    def keep(self, token_ids: Sequence[int], prompt_len: int, states: dict[int, StateCheckpoint]) -> None:
+        """Cache a served sequence's computed ``token_ids`` with the checkpoints taken for it, by length (the tree keeps
+        what its policy admits and releases the rest)."""
+        self.tree.insert(token_ids, states)
+        if self.tune:
+            self.history.append({"input_tokens": list(token_ids[:prompt_len]), "output_tokens": list(token_ids[prompt_len:])})
+            del self.history[:-TUNING_HISTORY]
+            self._maybe_tune()
+
+    def cached_blocks(self) -> list[int]:
+        """Per layer group, the blocks (slots) only the tree's checkpoints hold: cached, not in use, given back on demand."""
+        pins: list[Counter[int]] = [Counter() for _ in self.kv.managers]
+        blocks: dict[int, KVBlock] = {}
+        for node in self.tree.nodes():
+            if node.payload is not None:
+                for g, table in enumerate(node.payload.blocks):
+                    for b in table:
+                        if b is not None:
+                            pins[g][id(b)] += 1
+                            blocks[id(b)] = b
+        return [sum(1 for key, n in c.items() if blocks[key].ref_count == n) for c in pins]
+
+    @property
+    def num_states(self) -> int:
+        return self.tree.num_states
+
+    def reclaim(self) -> bool:
+        """Give back the policy's next victim; False when the tree holds nothing it can evict."""
+        return self.tree.evict_one()
+
+    def _maybe_tune(self) -> None:
+        self.served += 1
+        seen = self.served
+        if self._window is None and self.tree.evictions:
+            self._window = seen * self.bootstrap_multiplier
+            self._next_tuning = seen + self._window
+        if self._next_tuning is not None and seen >= self._next_tuning:
+            t = self.tree
+            t.policy = replace(t.policy, alpha=tune_alpha(self.history, t.costs, t.capacity, t.policy))
+            self.tunings.append((seen, t.policy.alpha))
+            self._next_tuning = seen + self._window
