@@ -14,12 +14,10 @@ bootstrap window after the first eviction has passed, and again after each windo
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from kvtier.cache.block_pool import KVBlock
 from kvtier.cache.checkpoint import StateCheckpoint
 from kvtier.prefix.costs import HybridCosts
 from kvtier.prefix.radix_tree import Policy, RadixTree
@@ -35,7 +33,10 @@ class StatePrefixCache:
     def __init__(self, kv: KVCacheCoordinator, costs: HybridCosts, capacity_bytes: int, policy: Policy, tune: bool = False,
                  bootstrap_multiplier: int = 5) -> None:
         self.kv = kv
-        self.tree = RadixTree(costs, capacity_bytes, policy, on_release=kv.release)
+        self.tree = RadixTree(costs, capacity_bytes, policy, on_release=self._release)
+        # per layer group, how many of the tree's checkpoints hold each block (by id), kept as they come and go so the
+        # engine's per-step metrics need not walk the tree
+        self._pins: list[dict[int, list]] = [{} for _ in kv.managers]  # id(block) -> [block, checkpoints holding it]
         self.tune = tune
         self.bootstrap_multiplier = bootstrap_multiplier
         self.history: list[dict] = []  # the latest served requests, as the simulator's records (when tuning)
@@ -64,6 +65,8 @@ class StatePrefixCache:
     def keep(self, token_ids: Sequence[int], prompt_len: int, states: dict[int, StateCheckpoint]) -> None:
         """Cache a served sequence's computed ``token_ids`` with the checkpoints taken for it, by length (the tree keeps
         what its policy admits and releases the rest)."""
+        for ckpt in states.values():
+            self._pin(ckpt, 1)
         self.tree.insert(token_ids, states)
         if self.tune:
             self.history.append({"input_tokens": list(token_ids[:prompt_len]), "output_tokens": list(token_ids[prompt_len:])})
@@ -72,20 +75,21 @@ class StatePrefixCache:
 
     def cached_blocks(self) -> list[int]:
         """Per layer group, the blocks (slots) only the tree's checkpoints hold: cached, not in use, given back on demand."""
-        pins: list[Counter[int]] = [Counter() for _ in self.kv.managers]
-        blocks: dict[int, KVBlock] = {}
-        for node in self.tree.nodes():
-            if node.payload is not None:
-                for g, table in enumerate(node.payload.blocks):
-                    for b in table:
-                        if b is not None:
-                            pins[g][id(b)] += 1
-                            blocks[id(b)] = b
-        return [sum(1 for key, n in c.items() if blocks[key].ref_count == n) for c in pins]
+        return [sum(1 for block, n in pins.values() if block.ref_count == n) for pins in self._pins]
 
-    @property
-    def num_states(self) -> int:
-        return self.tree.num_states
+    def _pin(self, ckpt: StateCheckpoint, delta: int) -> None:
+        for pins, table in zip(self._pins, ckpt.blocks):
+            for b in table:
+                if b is not None:
+                    entry = pins.setdefault(id(b), [b, 0])
+                    entry[1] += delta
+                    if not entry[1]:
+                        del pins[id(b)]
+
+    def _release(self, ckpt: StateCheckpoint) -> None:
+        """The tree gives a checkpoint up (evicted, a duplicate, or not admitted)."""
+        self._pin(ckpt, -1)
+        self.kv.release(ckpt)
 
     def reclaim(self) -> bool:
         """Give back the policy's next victim; False when the tree holds nothing it can evict."""

@@ -90,6 +90,7 @@ class RadixTree:
         self.bytes_used = 0
         self.clock = 0
         self.evictions = 0
+        self.num_states = 0  # nodes holding a state, the root aside
         self._blocks: dict[tuple[int, ...], int] = {}  # vllm+: each distinct block's symbol
         self._lru: list[tuple[int, int, Node]] = []  # LRU policies: (last access, tie, leaf), stale entries skipped on pop
         self._tie = itertools.count()
@@ -207,6 +208,7 @@ class RadixTree:
             node = self._extend(node, tokens, cut)
             if cut in new_states:
                 node.state, node.payload = True, states[cut]
+                self.num_states += 1
                 self.bytes_used += self.costs.state_bytes
         for n in self._walk(tokens)[0]:  # node refresh: only what this request added; path refresh: the whole path
             if self.policy.refresh == "path" or n.depth >= matched:
@@ -248,10 +250,6 @@ class RadixTree:
         if victim is not None:
             self._evict(victim)
         return victim is not None
-
-    @property
-    def num_states(self) -> int:
-        return sum(1 for n in self.nodes() if n.state and n is not self.root)
 
     def _make_room(self, needed: int) -> bool:
         while self.bytes_used + needed > self.capacity:
@@ -327,6 +325,7 @@ class RadixTree:
         self.clock += 1
         parent = node.parent
         self._release([node.payload])
+        self.num_states -= 1  # every candidate holds a state
         if node.children:  # a single-child node gives up its state; its edge joins the child's
             node.state, node.payload = False, None
             self.bytes_used -= self.costs.state_bytes

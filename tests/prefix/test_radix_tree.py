@@ -124,6 +124,7 @@ def check_invariants(tree: RadixTree, stored: set[tuple[int, ...]]) -> None:
                 assert node.state or len(node.children) > 1, "a stateless single-child node is merged away"
         total += tree.node_bytes(node) - (tree.costs.state_bytes if node is tree.root else 0)
     assert total == tree.bytes_used <= tree.capacity
+    assert tree.num_states == sum(1 for n in tree.nodes() if n.state and n is not tree.root)
 
 
 requests = st.lists(st.tuples(st.lists(st.integers(0, 3), min_size=1, max_size=12), st.lists(st.integers(0, 3), max_size=4)),
