@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                   max_model_len=args.max_len + 64, seed=args.seed, **kw)
         trace = sessions(args.sessions, args.turns, args.scale, llm.engine.model_config.vocab_size, args.max_len, args.seed)
         results[policy] = serve(llm, trace, args.concurrency)
-        print(policy, {k: v for k, v in results[policy].items() if k != "outputs"}, flush=True)
+        print(policy, {k: v for k, v in results[policy].items() if k not in ("outputs", "margins")}, flush=True)
     cold, cold_margins = results["off"]["outputs"], results["off"]["margins"]
     for r in results.values():
         outs = r.pop("outputs")
