@@ -8,8 +8,10 @@ Which states the engine takes is the policy's: for ``sglang+`` and ``marconi`` t
 tree (found before its prefill, taken when a chunk ends there) and the one after the last computed token; for
 ``vllm+`` one at every block boundary. The tree's capacity is counted with the model's real bytes, and when a
 pool runs short the scheduler asks for room (``reclaim``) before it preempts anyone: the policy's next victim
-gives its checkpoint back. Marconi's alpha is tuned as in the simulator, over the requests served so far: once the
-bootstrap window after the first eviction has passed, and again after each window as long.
+gives its checkpoint back. A state goes into the tree as soon as it is taken, during its sequence's prefill or decode
+(as vLLM and SGLang cache a block when it fills), so that whatever the states hold can be reclaimed and a preempted
+sequence resumes from its own states. Marconi's alpha is tuned as in the simulator, over the requests served so far:
+once the bootstrap window after the first eviction has passed, and again after each window as long.
 """
 
 from __future__ import annotations
@@ -62,12 +64,16 @@ class StatePrefixCache:
         node = self.tree.lookup(token_ids)
         return None if node.payload is None else self.kv.resume_hit(node.payload)
 
-    def keep(self, token_ids: Sequence[int], prompt_len: int, states: dict[int, StateCheckpoint]) -> None:
-        """Cache a served sequence's computed ``token_ids`` with the checkpoints taken for it, by length (the tree keeps
-        what its policy admits and releases the rest)."""
-        for ckpt in states.values():
-            self._pin(ckpt, 1)
-        self.tree.insert(token_ids, states)
+    def take(self, seq_id: int, token_ids: Sequence[int]) -> None:
+        """Cache the state of a sequence that has computed exactly ``token_ids`` (the tree keeps what its policy admits
+        and releases the rest, a state it holds already among them)."""
+        ckpt = self.kv.checkpoint(seq_id, token_ids)
+        self._pin(ckpt, 1)
+        self.tree.insert(token_ids, {len(token_ids): ckpt})
+
+    def keep(self, seq_id: int, token_ids: Sequence[int], prompt_len: int) -> None:
+        """Cache a served sequence's computed ``token_ids`` with the state after its last token."""
+        self.take(seq_id, token_ids)
         if self.tune:
             self.history.append({"input_tokens": list(token_ids[:prompt_len]), "output_tokens": list(token_ids[prompt_len:])})
             del self.history[:-TUNING_HISTORY]

@@ -42,7 +42,6 @@ class Checkpoints:
     def __init__(self, kv: KVCacheCoordinator) -> None:
         self.kv = kv
         self.taken: dict[str, list[StateCheckpoint]] = {}
-        self.for_cache: dict[int, dict[int, StateCheckpoint]] = {}  # seq_id -> length -> a state taken for the prefix cache
 
     def attach(self, req: Request, seq: Sequence, positions: list[int], start_from: StateCheckpoint | None) -> None:
         """The request holds its own share of ``start_from`` (released when it retires), so the caller may release theirs.
@@ -55,42 +54,29 @@ class Checkpoints:
 
     def after_chunk(self, req: Request, seq: Sequence) -> None:
         """Keep the state when the chunk just computed ended at the sequence's next checkpoint position (or where the
-        prefix cache wants one: vLLM+ at every block boundary of the output too)."""
+        prefix cache wants one: vLLM+ at every block boundary of the output too, until a KV method compresses it)."""
         n = seq.num_computed_tokens
         if seq.checkpoint_at and n == seq.checkpoint_at[0]:
             seq.checkpoint_at.pop(0)
             self.taken.setdefault(req.request_id, []).append(self.kv.checkpoint(seq.seq_id, seq.token_ids[:n]))
         cache = self.kv.state_prefix
-        if cache is not None and (n in seq.cache_state_at or (cache.block_states and n > seq.prompt_len and n % self.kv.block_size == 0)):
-            self._take_for_cache(seq, n)
-
-    def _take_for_cache(self, seq: Sequence, n: int) -> None:
-        mine = self.for_cache.setdefault(seq.seq_id, {})
-        if n in mine:  # taken before a preemption by recompute: the same tokens, the same state
-            self.kv.release(mine.pop(n))
-        mine[n] = self.kv.checkpoint(seq.seq_id, seq.token_ids[:n])
+        if cache is None or seq.num_evicted:
+            return
+        if n in seq.cache_state_at or (cache.block_states and n > seq.prompt_len and n % self.kv.block_size == 0):
+            cache.take(seq.seq_id, seq.token_ids[:n])
 
     def keep(self, seq: Sequence) -> None:
-        """A sequence that stops hands its computed tokens to the prefix cache with the states taken for it and the one
-        after its last computed token; a compressed cache is no prefix of anything, and a swapped one has no state here."""
+        """A sequence that stops hands its computed tokens to the prefix cache with the state after its last computed
+        token; a compressed cache is no prefix of anything, and a swapped one has no state here."""
         cache, n = self.kv.state_prefix, seq.num_computed_tokens
-        states = self.for_cache.pop(seq.seq_id, {})
-        if cache is None or seq.num_evicted or not self.kv.has(seq.seq_id) or n == 0:
-            for ckpt in states.values():
-                self.kv.release(ckpt)
-            return
-        if n not in states:
-            states[n] = self.kv.checkpoint(seq.seq_id, seq.token_ids[:n])
-        cache.keep(seq.token_ids[:n], min(n, seq.prompt_len), states)
+        if cache is not None and not seq.num_evicted and self.kv.has(seq.seq_id) and n:
+            cache.keep(seq.seq_id, seq.token_ids[:n], min(n, seq.prompt_len))
 
     def take(self, request_id: str) -> list[StateCheckpoint]:
         """The request's checkpoints taken so far, now the caller's to release (``LLMEngine.release_checkpoint``)."""
         return self.taken.pop(request_id, [])
 
     def retire(self, req: Request) -> None:
-        for s in req.seqs:
-            for ckpt in self.for_cache.pop(s.seq_id, {}).values():
-                self.kv.release(ckpt)
         if req.start_from is not None:
             self.kv.release(req.start_from)
             req.start_from = None

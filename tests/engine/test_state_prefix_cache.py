@@ -127,3 +127,30 @@ def test_bad_settings_are_refused_by_name(hybrid_dir):
     for tail in ([1, 2], [3, 4], [5, 6]):
         run(off, shared + tail)
     assert off.get_metrics()["prefix_cache_hits"] == 0 and off.engine.kv.state_prefix is None
+
+
+@pytest.mark.parametrize("policy,mode", [("vllm+", "recompute"), ("vllm+", "swap"), ("marconi", "recompute")])
+def test_outputs_outgrowing_the_cache_preempt_and_every_request_finishes(hybrid_dir, cold, policy, mode):
+    """Six requests whose outputs outgrow a cache of 16 K/V blocks and 4 state slots. The states taken for the tree
+    during a prefill or decode are the tree's as soon as they are taken, so whatever they hold is given back before
+    anyone is preempted, and a lone request is never judged too large while the tree holds its memory: every request
+    ends with all its tokens, equal to a cold engine's, and nothing stays held once the tree lets go."""
+    probe = LLM(str(hybrid_dir), kv_cache_memory=1 << 22, block_size=16, max_model_len=160).engine.memory_plan
+    slot = sum(g.bytes_per_block for g in probe.groups if not g.group.bytes_per_token)
+    block = sum(g.bytes_per_block for g in probe.groups if g.group.bytes_per_token)
+    llm = LLM(str(hybrid_dir), kv_cache_memory=4 * slot + 16 * block + 64, mamba_full_memory_ratio=4 * slot / (16 * block), block_size=16,
+              max_model_len=160, prefix_cache_policy=policy, preemption_mode=mode, swap_space=1 if mode == "swap" else 0)
+    assert [g.num_blocks for g in llm.engine.memory_plan.groups] == [4, 16]
+    params = SamplingParams(temperature=0.0, max_tokens=80, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in prompts_of([60, 70, 50, 65, 55, 75], 512, seed=17)]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    expect = cold.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in expect]
+    assert all(len(o.outputs[0].token_ids) == 80 for o in outs)
+    m = llm.get_metrics()
+    assert m["num_preemptions"] > 0 and m["prefix_cache_evictions"] > 0, m
+    llm.engine.kv.state_prefix.tree.capacity = 0
+    while llm.engine.kv.reclaim():
+        pass
+    m = llm.get_metrics()
+    assert m["kv_blocks_free"] == m["kv_blocks_total"] and m["mamba_slots_used"] == 0 and m["mamba_slots_cached"] == 0, m
