@@ -64,7 +64,8 @@ def reference_hybrid(path: Path) -> Path:
 
 def run_kvtier(model: Path, reqs: list[Request], args: argparse.Namespace) -> dict:
     engine = LLMEngine(EngineArgs(model=str(model), kv_cache_memory=int(args.kv_cache_gib * (1 << 30)), max_num_seqs=args.max_num_seqs,
-                                  max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False if args.no_prefix_caching else None))
+                                  max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False if args.no_prefix_caching else None,
+                                  prefix_cache_policy=args.prefix_cache_policy))
     start = time.perf_counter()
     for i, r in enumerate(reqs):
         engine.add_request({"prompt_token_ids": r.prompt_token_ids}, SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True), str(i))
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--kv-cache-gib", type=float, default=2.0)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--prefix-cache-policy", default=None, help="the engine's prefix cache (default: the model's; lru or hash for attention-only models)")
     p.add_argument("--waste-every", type=int, default=10, help="sample KV waste every N engine steps")
     p.add_argument("--json-out", type=Path, default=None)
     add_workload_args(p)

@@ -14,7 +14,7 @@ from kvtier.kv_methods.registry import build_method, parse_config
 from kvtier.models.embedded import DEFAULT_MODEL, resolve_model
 from kvtier.prefix.radix_tree import POLICIES
 
-PREFIX_CACHE_POLICIES = ("hash", *POLICIES)
+PREFIX_CACHE_POLICIES = ("lru", "hash", *POLICIES)
 
 GiB = 1 << 30
 
@@ -40,7 +40,8 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9  # fraction of GPU memory for weights + activations + KV cache
     swap_space: float = 4.0  # GiB of host memory for swapped-out blocks
     enable_prefix_caching: bool | None = None  # None: on
-    prefix_cache_policy: str | None = None  # "hash" (block hashes) for attention-only models; "marconi", "sglang+" or "vllm+" for hybrids (None: marconi)
+    # attention-only models: "lru" (the radix tree, their default) or "hash" (block hashes); hybrids: "marconi" (default), "sglang+", "vllm+"
+    prefix_cache_policy: str | None = None
     prefix_cache_alpha: float | None = None  # marconi's weight of FLOP efficiency against recency; None: tuned on the requests served
     prefix_caching_hash_algo: str = "sha256"  # vLLM's flag: "sha256", or "builtin" (Python's hash: faster, collides more; hits stay exact)
     max_num_seqs: int = 256

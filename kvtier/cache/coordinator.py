@@ -51,7 +51,7 @@ class KVCacheCoordinator:
                          for g in plan.groups]
         self.group_layers = [g.group.layers for g in plan.groups]  # each group's model layers, in its storage order
         self.prefix_queries = 0  # prompt tokens looked up
-        self.state_prefix: StatePrefixCache | None = None  # a hybrid's prefix cache of state checkpoints, set by the engine
+        self.state_prefix: StatePrefixCache | None = None  # the radix-tree prefix cache of checkpoints, set by the engine
         self.prefix_hits = 0  # prompt tokens found
 
     # ---- queries -------------------------------------------------------------------------
@@ -124,17 +124,21 @@ class KVCacheCoordinator:
     # ---- compaction (KV methods) -------------------------------------------------------------
     def compact(self, seq_id: int, keep: torch.Tensor) -> bool:
         """Keep only positions ``keep`` [model layers, kv_heads, n] of the sequence's cache, in every group at once; False
-        (nothing changed) when some group's pool lacks the blocks for the kept tokens now."""
-        if not all(m.can_compact(seq_id, keep.shape[-1]) for m in self.managers):
-            return False
+        (nothing changed) when some group's pool lacks the blocks for the kept tokens now, even once the prefix cache
+        has given back what it can."""
+        while not all(m.can_compact(seq_id, keep.shape[-1]) for m in self.managers):
+            if not self.reclaim():
+                return False
         for m, layers in zip(self.managers, self.group_layers):
             m.compact(seq_id, keep[list(layers)])
         return True
 
     # ---- state checkpoints ---------------------------------------------------------------
     def checkpoint(self, seq_id: int, token_ids: Sequence[int]) -> StateCheckpoint:
-        """Pin what the sequence's cache holds now, when it has computed exactly ``token_ids``."""
-        return StateCheckpoint(tuple(token_ids), tuple(m.hold(m.tables[seq_id]) for m in self.managers))
+        """Pin what the sequence's cache holds for its first ``token_ids``: the blocks of those tokens, and a recurrent
+        state as it is now (so a model with state groups must have computed exactly ``token_ids``)."""
+        n = len(token_ids)
+        return StateCheckpoint(tuple(token_ids), tuple(m.hold(m.tables[seq_id][: m.spec.blocks_for(n)]) for m in self.managers))
 
     def share(self, ckpt: StateCheckpoint) -> StateCheckpoint:
         """A second hold on the same blocks, released on its own."""

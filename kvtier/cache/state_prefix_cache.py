@@ -1,12 +1,14 @@
-"""Prefix caching for a hybrid model: the radix tree of :mod:`kvtier.prefix` (the simulator's own tree and policies)
-whose states are the engine's state checkpoints.
+"""Prefix caching in a radix tree: the tree of :mod:`kvtier.prefix` (the simulator's own tree and policies) whose
+states are the engine's state checkpoints.
 
 A node's payload is a :class:`~kvtier.cache.checkpoint.StateCheckpoint` of exactly its prefix: the Mamba2 state slot
 as it was after its last token and the K/V blocks of every token before it (blocks several checkpoints share are
 held once, by reference count). A hit resumes from the deepest matched node's checkpoint, as ``start_from`` does.
 Which states the engine takes is the policy's: for ``sglang+`` and ``marconi`` the one where the prompt leaves the
 tree (found before its prefill, taken when a chunk ends there) and the one after the last computed token; for
-``vllm+`` one at every block boundary. The tree's capacity is counted with the model's real bytes, and when a
+``vllm+`` one at every block boundary. An attention-only model uses the same tree with ``vllm+``'s rules (LRU over
+leaves, a node per block), named ``lru``: its checkpoints hold K/V blocks alone, so the states of every block boundary
+a chunk has passed are taken after it, and its prefill never stops for them. The tree's capacity is counted with the model's real bytes, and when a
 pool runs short the scheduler asks for room (``reclaim``) before it preempts anyone: the policy's next victim
 gives its checkpoint back. A state goes into the tree as soon as it is taken, during its sequence's prefill or decode
 (as vLLM and SGLang cache a block when it fills), so that whatever the states hold can be reclaimed and a preempted
@@ -52,8 +54,16 @@ class StatePrefixCache:
         """vLLM+: a state at every block boundary, prompt and output alike."""
         return self.tree.policy.name == "vllm+"
 
+    @property
+    def stateful(self) -> bool:
+        """Whether a checkpoint holds a recurrent state, which exists only where a chunk ends (K/V blocks alone serve
+        any boundary a chunk has passed)."""
+        return self.tree.costs.state_bytes > 0
+
     def state_positions(self, prompt: Sequence[int]) -> list[int]:
         """Where this prompt's prefill stops to keep a state for the tree (speculative insertion; vLLM+: every block)."""
+        if not self.stateful:
+            return []
         if self.block_states:
             return list(range(self.tree.unit, len(prompt) + 1, self.tree.unit))
         branch = self.tree.branch_point(prompt)
@@ -64,16 +74,26 @@ class StatePrefixCache:
         node = self.tree.lookup(token_ids)
         return None if node.payload is None else self.kv.resume_hit(node.payload)
 
-    def take(self, seq_id: int, token_ids: Sequence[int]) -> None:
-        """Cache the state of a sequence that has computed exactly ``token_ids`` (the tree keeps what its policy admits
-        and releases the rest, a state it holds already among them)."""
-        ckpt = self.kv.checkpoint(seq_id, token_ids)
-        self._pin(ckpt, 1)
-        self.tree.insert(token_ids, {len(token_ids): ckpt})
+    def states_after(self, start: int, computed: Sequence[int], prompt_len: int, wanted: Sequence[int]) -> list[int]:
+        """The lengths whose states to take once a chunk from ``start`` has computed ``computed``: the positions asked
+        before the prefill (``wanted``), vLLM+'s block boundaries past the prompt, and, without a recurrent state, every
+        block boundary the chunk passed."""
+        n, unit = len(computed), self.tree.unit
+        if not self.stateful:
+            return list(range(unit * (start // unit + 1), n + 1, unit))
+        return [n] if n in wanted or (self.block_states and n > prompt_len and n % unit == 0) else []
+
+    def take(self, seq_id: int, token_ids: Sequence[int], lengths: Sequence[int]) -> None:
+        """Cache the states of a sequence that has computed ``token_ids`` at ``lengths`` (the tree keeps what its policy
+        admits and releases the rest, a state it holds already among them)."""
+        states = {n: self.kv.checkpoint(seq_id, token_ids[:n]) for n in lengths}
+        for ckpt in states.values():
+            self._pin(ckpt, 1)
+        self.tree.insert(token_ids[: max(lengths)], states)
 
     def keep(self, seq_id: int, token_ids: Sequence[int], prompt_len: int) -> None:
         """Cache a served sequence's computed ``token_ids`` with the state after its last token."""
-        self.take(seq_id, token_ids)
+        self.take(seq_id, token_ids, [len(token_ids)])
         if self.tune:
             self.history.append({"input_tokens": list(token_ids[:prompt_len]), "output_tokens": list(token_ids[prompt_len:])})
             del self.history[:-TUNING_HISTORY]

@@ -52,9 +52,9 @@ class Checkpoints:
         if self.kv.state_prefix is not None:
             seq.cache_state_at = [p for p in self.kv.state_prefix.state_positions(seq.token_ids) if p > (start_from.num_tokens if start_from else 0)]
 
-    def after_chunk(self, req: Request, seq: Sequence) -> None:
-        """Keep the state when the chunk just computed ended at the sequence's next checkpoint position (or where the
-        prefix cache wants one: vLLM+ at every block boundary of the output too, until a KV method compresses it)."""
+    def after_chunk(self, req: Request, seq: Sequence, start: int) -> None:
+        """Keep the state when the chunk just computed (from ``start``) ended at the sequence's next checkpoint position,
+        and give the prefix cache the states it wants from the chunk (until a KV method compresses the sequence)."""
         n = seq.num_computed_tokens
         if seq.checkpoint_at and n == seq.checkpoint_at[0]:
             seq.checkpoint_at.pop(0)
@@ -62,8 +62,9 @@ class Checkpoints:
         cache = self.kv.state_prefix
         if cache is None or seq.num_evicted:
             return
-        if n in seq.cache_state_at or (cache.block_states and n > seq.prompt_len and n % self.kv.block_size == 0):
-            cache.take(seq.seq_id, seq.token_ids[:n])
+        lengths = cache.states_after(start, seq.token_ids[:n], seq.prompt_len, seq.cache_state_at)
+        if lengths:
+            cache.take(seq.seq_id, seq.token_ids[:n], lengths)
 
     def keep(self, seq: Sequence) -> None:
         """A sequence that stops hands its computed tokens to the prefix cache with the state after its last computed

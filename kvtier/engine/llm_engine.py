@@ -32,7 +32,7 @@ from kvtier.models.loader import load_model, resolve_model_path
 from kvtier.models.registry import model_class
 from kvtier.outputs import RequestMetrics, RequestOutput
 from kvtier.prefix.costs import HybridCosts
-from kvtier.prefix.radix_tree import Policy
+from kvtier.prefix.radix_tree import POLICIES, Policy
 from kvtier.sampling.sampler import Sampler, SamplingRow, compute_logprobs
 from kvtier.sampling_params import BeamSearchParams, SamplingParams
 from kvtier.tokenizer import Tokenizer
@@ -89,27 +89,31 @@ class LLMEngine:
         return conv, ssm
 
     def _prefix_cache_policy(self) -> str | None:
-        """None (off), "hash" (block hashes, attention-only models) or a state-checkpoint tree policy (hybrids: a block
-        hash cannot resume a Mamba2 state, which only a checkpoint at exactly the hit's length can)."""
+        """None (off), a tree policy (hybrids: marconi, sglang+ or vllm+, since a block hash cannot resume a Mamba2 state,
+        which only a checkpoint at exactly the hit's length can; attention-only models: lru) or, for attention-only
+        models, "hash" (vLLM's block hashes)."""
         args, cfg = self.args, self.model_config
         if args.enable_prefix_caching is False:
             return None
         hybrid = bool(cfg.mamba_layers)
-        policy = args.prefix_cache_policy or ("marconi" if hybrid else "hash")
-        if hybrid == (policy == "hash"):
-            allowed = "marconi, sglang+ or vllm+ (a hybrid's states need checkpoints)" if hybrid else "hash (the tree policies serve hybrids)"
+        policy = args.prefix_cache_policy or ("marconi" if hybrid else "lru")
+        if (policy in POLICIES) != hybrid:
+            allowed = ("marconi, sglang+ or vllm+ (a hybrid's states need checkpoints)" if hybrid else
+                       "lru or hash (marconi, sglang+ and vllm+ choose a hybrid's states)")
             raise InvalidArgumentError("prefix_cache_policy", f"must be {allowed} for {cfg.architecture}, got {policy!r}")
         if args.prefix_cache_alpha is not None and policy != "marconi":
             raise InvalidArgumentError("prefix_cache_alpha", f"applies to the marconi policy only, got it with {policy!r}")
         return policy
 
     def _state_prefix_cache(self, policy: str) -> StatePrefixCache:
-        """The tree sized by the model's real bytes (a checkpoint: one slot of every Mamba2 group) and the whole KV budget."""
+        """The tree sized by the model's real bytes (a checkpoint: one slot of every Mamba2 group) and the whole KV budget;
+        an attention-only model's is vLLM+'s tree with no state to hold."""
         plan = self.memory_plan
         state_bytes = sum(g.bytes_per_block for g in plan.groups if not g.group.bytes_per_token)
         costs = HybridCosts.from_model(self.model_config, plan.bytes_per_token, state_bytes)
         alpha = self.args.prefix_cache_alpha
-        return StatePrefixCache(self.kv, costs, plan.budget_bytes, Policy(policy, alpha=alpha or 0.0, block_size=plan.block_size),
+        rules = Policy("vllm+" if policy == "lru" else policy, alpha=alpha or 0.0, block_size=plan.block_size)
+        return StatePrefixCache(self.kv, costs, plan.budget_bytes, rules,
                                 tune=policy == "marconi" and alpha is None)
 
     def _kv_method(self) -> KVMethod | None:
@@ -201,7 +205,7 @@ class LLMEngine:
                 self.kv.cache_computed(c.seq.seq_id, c.seq.token_ids, c.seq.num_computed_tokens)
             if c.num_tokens == 1:
                 self.counters["kv_bytes_read"] += self._decode_bytes_read(c.seq.num_cached_slots)
-            self.checkpoints.after_chunk(c.request, c.seq)
+            self.checkpoints.after_chunk(c.request, c.seq, c.start)
             self.compression.after_chunk(c.seq, logits.queries.get(c.seq.seq_id))
         if plan.to_sample:
             self._sample(plan.to_sample, logits.last)

@@ -169,7 +169,7 @@ def info_summary(model: str, info: dict) -> str:
         rows.append(("slots now", f"{free} free, {kv['mamba_slots_cached']} cached, {kv['mamba_slots_used']} used"))
     policy = info["prefix_cache_policy"]
     rows.append(("prefix caching", "off" if policy is None else "on, block hashes" if policy == "hash" else
-                 f"on, {policy}: a tree of state checkpoints (docs/prefix-caching.md)"))
+                 f"on, {policy}: a radix tree of checkpoints (docs/prefix-caching.md)"))
     method = info["kv_method"]
     rows.append(("KV method", method["name"] + "".join(f", {k} {v}" for k, v in method.items() if k != "name")))
     width = max(len(label) for label, _ in rows) + 3

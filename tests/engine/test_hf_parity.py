@@ -137,12 +137,17 @@ def test_bfloat16_close_to_hf(tmp_path, tokenizer_files):
 
 
 def test_colliding_prefix_keys_never_serve_another_prompts_kv(llama_dir, monkeypatch):
-    """Every block key forced to one value (a crafted collision): each prompt still gets HF's own greedy output, and a
-    prompt seen before still hits its own first block."""
+    """The block-hash cache (``prefix_cache_policy="hash"``) with every block key forced to one value (a crafted
+    collision): each prompt still gets HF's own greedy output, and a prompt seen before still hits its own first block.
+    The radix tree compares tokens, so the same prompts hit both blocks there."""
     monkeypatch.setitem(HASH_ALGOS, "builtin", lambda parent, tokens: 0)
     first, second = prompts_of([40, 40], 512, seed=6)
-    llm = check_against_hf(llama_dir, [first], kv_cache_memory=1 << 22, prefix_caching_hash_algo="builtin")
+    llm = check_against_hf(llama_dir, [first], kv_cache_memory=1 << 22, prefix_caching_hash_algo="builtin", prefix_cache_policy="hash")
     check_against_hf(llama_dir, [second], llm=llm)  # same key as `first`'s blocks, other tokens: a miss, not a wrong hit
     assert llm.get_metrics()["prefix_cache_hits"] == 0
     check_against_hf(llama_dir, [first], llm=llm)
     assert llm.get_metrics()["prefix_cache_hits"] == 16  # its first block; the next key is taken, so the chain stops there
+    tree = check_against_hf(llama_dir, [first], kv_cache_memory=1 << 22)
+    check_against_hf(llama_dir, [second], llm=tree)
+    check_against_hf(llama_dir, [first], llm=tree)
+    assert tree.get_metrics()["prefix_cache_hits"] == 32

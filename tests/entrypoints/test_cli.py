@@ -135,6 +135,6 @@ def test_info_on_a_hybrid_shows_its_state_slots_and_its_prefix_cache(tmp_path, t
     kv = info["kv_cache"]
     assert (kv["mamba_slots_total"], kv["mamba_slots_used"], kv["mamba_bytes_per_slot"]) == (state["num_blocks"], 0, slot)
     text = kvtier("info", "--model", str(path), "--kv-cache-memory", str(1 << 20)).stdout
-    assert "prefix caching     on, marconi: a tree of state checkpoints" in text
+    assert "prefix caching     on, marconi: a radix tree of checkpoints" in text
     assert "attention          1 of 6 layers, 4 heads, 2 KV heads of dimension 16" in text, "NemotronH's MLP blocks do not attend"
     assert f"slots now          {state['num_blocks']} free, 0 cached, 0 used" in text
