@@ -8,9 +8,9 @@ Which states the engine takes is the policy's: for ``sglang+`` and ``marconi`` t
 tree (found before its prefill, taken when a chunk ends there) and the one after the last computed token; for
 ``vllm+`` one at every block boundary. An attention-only model uses the same tree with ``vllm+``'s rules (LRU over
 leaves, a node per block), named ``lru``: its checkpoints hold K/V blocks alone, so the states of every block boundary
-a chunk has passed are taken after it, and its prefill never stops for them. The tree's capacity is counted with the model's real bytes, and when a
-pool runs short the scheduler asks for room (``reclaim``) before it preempts anyone: the policy's next victim
-gives its checkpoint back. A state goes into the tree as soon as it is taken, during its sequence's prefill or decode
+a chunk has passed are taken after it, and its prefill never stops for them. The tree's capacity is counted with the
+model's real bytes, and when a pool runs short the scheduler asks for room (``reclaim``) before it preempts anyone:
+the policy's next victim gives its checkpoint back. A state goes into the tree as soon as it is taken, during its sequence's prefill or decode
 (as vLLM and SGLang cache a block when it fills), so that whatever the states hold can be reclaimed and a preempted
 sequence resumes from its own states. Marconi's alpha is tuned as in the simulator, over the requests served so far:
 once the bootstrap window after the first eviction has passed, and again after each window as long.

@@ -118,8 +118,10 @@ def test_bad_settings_are_refused_by_name(hybrid_dir):
         LLM(str(hybrid_dir), prefix_cache_policy="hash")
     with pytest.raises(InvalidArgumentError, match="prefix_cache_alpha: applies to the marconi policy only"):
         LLM(str(hybrid_dir), prefix_cache_policy="sglang+", prefix_cache_alpha=0.5)
-    with pytest.raises(InvalidArgumentError, match="prefix_cache_policy: must be one of hash, vllm\\+, sglang\\+, marconi"):
+    with pytest.raises(InvalidArgumentError, match="prefix_cache_policy: must be marconi, sglang\\+ or vllm\\+"):
         LLM(str(hybrid_dir), prefix_cache_policy="lru")
+    with pytest.raises(InvalidArgumentError, match="prefix_cache_policy: must be one of lru, hash, vllm\\+, sglang\\+, marconi"):
+        LLM(str(hybrid_dir), prefix_cache_policy="lfu")
     with pytest.raises(InvalidArgumentError, match="prefix_cache_alpha: must be a number in \\[0, 100\\]"):
         LLM(str(hybrid_dir), prefix_cache_alpha=-1)
     off = LLM(str(hybrid_dir), kv_cache_memory=1 << 22, enable_prefix_caching=False)
