@@ -37,6 +37,14 @@ def run(llm: LLM, prompt: list[int]) -> tuple[list[int], torch.Tensor, int]:
     return list(out.outputs[0].token_ids), torch.stack(logits), out.num_cached_tokens
 
 
+def emptied(llm: LLM) -> dict:
+    """The engine's metrics once its prefix tree has given back everything it holds."""
+    llm.engine.kv.state_prefix.tree.capacity = 0
+    while llm.engine.kv.reclaim():
+        pass
+    return llm.get_metrics()
+
+
 def same_as_cold(llm: LLM, cold: LLM, prompt: list[int]) -> int:
     tokens, logits, cached = run(llm, prompt)
     cold_tokens, cold_logits, cold_cached = run(cold, prompt)
@@ -88,10 +96,7 @@ def test_the_tree_gives_memory_back_before_anyone_is_preempted(hybrid_dir, cold)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in expect]
     m = llm.get_metrics()
     assert m["prefix_cache_evictions"] > 0 and m["num_preemptions"] == 0, m
-    llm.engine.kv.state_prefix.tree.capacity = 0
-    while llm.engine.kv.reclaim():
-        pass
-    m = llm.get_metrics()
+    m = emptied(llm)
     assert m["prefix_cache_states"] == 0 and m["kv_blocks_cached"] == 0 and m["mamba_slots_cached"] == 0
     assert m["kv_blocks_free"] == m["kv_blocks_total"], "every block and slot the tree held came back"
 
@@ -151,8 +156,5 @@ def test_outputs_outgrowing_the_cache_preempt_and_every_request_finishes(hybrid_
     assert all(len(o.outputs[0].token_ids) == 80 for o in outs)
     m = llm.get_metrics()
     assert m["num_preemptions"] > 0 and m["prefix_cache_evictions"] > 0, m
-    llm.engine.kv.state_prefix.tree.capacity = 0
-    while llm.engine.kv.reclaim():
-        pass
-    m = llm.get_metrics()
+    m = emptied(llm)
     assert m["kv_blocks_free"] == m["kv_blocks_total"] and m["mamba_slots_used"] == 0 and m["mamba_slots_cached"] == 0, m

@@ -11,6 +11,7 @@ import pytest
 from kvtier import LLM, SamplingParams
 from kvtier.errors import InvalidArgumentError
 from tests.engine.test_hf_parity import check_against_hf, prompts_of
+from tests.engine.test_state_prefix_cache import emptied
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
@@ -62,10 +63,7 @@ def test_the_tree_gives_memory_back_before_anyone_is_preempted(llama_dir):
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in expect]
     m = llm.get_metrics()
     assert m["prefix_cache_evictions"] > 0 and m["num_preemptions"] == 0, m
-    llm.engine.kv.state_prefix.tree.capacity = 0
-    while llm.engine.kv.reclaim():
-        pass
-    m = llm.get_metrics()
+    m = emptied(llm)
     assert m["prefix_cache_states"] == 0 and m["kv_blocks_cached"] == 0 and m["kv_blocks_free"] == m["kv_blocks_total"], m
 
 
