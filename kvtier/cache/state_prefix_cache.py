@@ -74,11 +74,11 @@ class StatePrefixCache:
         node = self.tree.lookup(token_ids)
         return None if node.payload is None else self.kv.resume_hit(node.payload)
 
-    def states_after(self, start: int, computed: Sequence[int], prompt_len: int, wanted: Sequence[int]) -> list[int]:
-        """The lengths whose states to take once a chunk from ``start`` has computed ``computed``: the positions asked
+    def states_after(self, start: int, n: int, prompt_len: int, wanted: Sequence[int]) -> list[int]:
+        """The lengths whose states to take once a chunk from ``start`` has computed ``n`` tokens: the positions asked
         before the prefill (``wanted``), vLLM+'s block boundaries past the prompt, and, without a recurrent state, every
         block boundary the chunk passed."""
-        n, unit = len(computed), self.tree.unit
+        unit = self.tree.unit
         if not self.stateful:
             return list(range(unit * (start // unit + 1), n + 1, unit))
         return [n] if n in wanted or (self.block_states and n > prompt_len and n % unit == 0) else []
@@ -92,8 +92,10 @@ class StatePrefixCache:
         self.tree.insert(token_ids[: max(lengths)], states)
 
     def keep(self, seq_id: int, token_ids: Sequence[int], prompt_len: int) -> None:
-        """Cache a served sequence's computed ``token_ids`` with the state after its last token."""
-        self.take(seq_id, token_ids, [len(token_ids)])
+        """Cache a served sequence's computed ``token_ids`` with the state after its last token (not taken where the tree
+        keeps no node: inside a block, for vLLM+'s rules)."""
+        if len(token_ids) % self.tree.unit == 0:
+            self.take(seq_id, token_ids, [len(token_ids)])
         if self.tune:
             self.history.append({"input_tokens": list(token_ids[:prompt_len]), "output_tokens": list(token_ids[prompt_len:])})
             del self.history[:-TUNING_HISTORY]

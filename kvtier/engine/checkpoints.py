@@ -62,7 +62,7 @@ class Checkpoints:
         cache = self.kv.state_prefix
         if cache is None or seq.num_evicted:
             return
-        lengths = cache.states_after(start, seq.token_ids[:n], seq.prompt_len, seq.cache_state_at)
+        lengths = cache.states_after(start, n, seq.prompt_len, seq.cache_state_at)
         if lengths:
             cache.take(seq.seq_id, seq.token_ids[:n], lengths)
 
