@@ -37,6 +37,7 @@ class EngineArgs:
     max_model_len: int | None = None
     block_size: int = 16
     kv_cache_memory: int | None = None  # bytes of KV cache; None: 1 GiB on CPU, from gpu_memory_utilization on GPU
+    kv_host_memory: int | None = None  # bytes of the host tier (V under --kv-method kcache); None: V for every device block
     gpu_memory_utilization: float = 0.9  # fraction of GPU memory for weights + activations + KV cache
     swap_space: float = 4.0  # GiB of host memory for swapped-out blocks
     enable_prefix_caching: bool | None = None  # None: on
@@ -83,6 +84,8 @@ class EngineArgs:
         _require_int("block_size", self.block_size, 1, 1024)
         if self.kv_cache_memory is not None:
             _require_int("kv_cache_memory", self.kv_cache_memory, 1)
+        if self.kv_host_memory is not None:
+            _require_int("kv_host_memory", self.kv_host_memory, 1)
         if not 0 < self.gpu_memory_utilization <= 1:
             raise InvalidArgumentError("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.swap_space < 0:

@@ -115,10 +115,13 @@ class DecodeHooks(Protocol):
     """What a KV method does inside a decode step's attention, layer by layer (``kvtier.kv_methods.base.KVMethod``)."""
 
     observes_decode: bool
+    reads_values: bool
 
     def select_blocks(self, q: torch.Tensor, cache: LayerCache, group: DecodeGroup) -> BlockSelection | None: ...
 
     def observe_decode(self, cache: LayerCache, head: int, slots: torch.Tensor, probs: torch.Tensor) -> None: ...
+
+    def read_values(self, probs: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor: ...
 
 
 def prefill_mask(span: PrefillSpan, window: int | None) -> torch.Tensor:

@@ -20,9 +20,9 @@ from kvtier.cache.ops import block_slots, token_slots
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-    """Store the new tokens' K/V [T, Hkv, D] at their slots."""
+    """Store the new tokens' K/V [T, Hkv, D] at their slots (V in the host tier where it lives there)."""
     k_cache.index_copy_(1, slots, k.transpose(0, 1))
-    v_cache.index_copy_(1, slots, v.transpose(0, 1))
+    v_cache.index_copy_(1, slots.to(v_cache.device), v.transpose(0, 1).to(v_cache.device))
 
 
 def _gather(cache_head: torch.Tensor, block_ids: torch.Tensor, batch: int, block_size: int) -> torch.Tensor:
@@ -43,19 +43,23 @@ def decode_attention(q: torch.Tensor, cache: LayerCache, group: DecodeGroup, sca
     qd = q.view(batch, num_kv, per_kv, dim)
     out = torch.empty_like(qd)
     chosen = None if hooks is None else hooks.select_blocks(q, cache, group)
+    reads_values = hooks is not None and hooks.reads_values
     heads = []
     for h in range(num_kv):
         block_ids = group.block_ids if chosen is None else chosen.block_ids[h]
         keys = _gather(cache.k[h], block_ids, batch, group.block_size)
-        values = _gather(cache.v[h], block_ids, batch, group.block_size)
         scores = torch.bmm(qd[:, h], keys.transpose(1, 2)).mul_(scale)
         scores.masked_fill_(~(group.mask() if chosen is None else chosen.mask[h]), float("-inf"))
         probs = scores.softmax(-1, dtype=torch.float32)
-        torch.bmm(probs.to(q.dtype), values, out=out[:, h])
+        if not reads_values:
+            torch.bmm(probs.to(q.dtype), _gather(cache.v[h], block_ids, batch, group.block_size), out=out[:, h])
         if hooks is not None and hooks.observes_decode:
             hooks.observe_decode(cache, h, block_slots(block_ids.view(batch, -1), group.block_size), probs)
-        if probs_out is not None:
+        if probs_out is not None or reads_values:
             heads.append(probs)
+    if reads_values:  # every KV head at once: one gather of V rows per layer
+        slots = block_slots(group.block_ids.view(batch, -1), group.block_size)
+        out.copy_(hooks.read_values(torch.stack(heads, 1), cache.v, slots, group.context_lens))
     if probs_out is not None:
         probs_out.append(torch.cat(heads, 1))
     return out.view(batch, num_heads, dim)
@@ -86,7 +90,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
         if span.slots is None:
             kc, vc = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
         else:
-            kc, vc = cache.k.index_select(1, span.slots), cache.v.index_select(1, span.slots)
+            kc, vc = cache.k.index_select(1, span.slots), cache.v.index_select(1, span.slots.to(cache.v.device)).to(q.device)
         # [Hkv, group * Lq, D] queries; the mask repeats for every head of the group.
         qp = q[rows].view(span.query_len, num_kv, group, head_dim).permute(1, 2, 0, 3)
         qp = qp.reshape(num_kv, group * span.query_len, head_dim)

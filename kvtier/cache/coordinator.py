@@ -21,7 +21,7 @@ from kvtier.cache.mamba_state import MambaStateManager
 from kvtier.cache.memory_plan import MemoryPlan
 from kvtier.cache.ops import CacheOps
 from kvtier.cache.sliding_window import SlidingWindowManager
-from kvtier.cache.specs import FullAttentionSpec, KVCacheSpec, MambaSpec, SlidingWindowSpec
+from kvtier.cache.specs import FullAttentionSpec, HostValueSpec, KVCacheSpec, MambaSpec, SlidingWindowSpec
 
 if TYPE_CHECKING:
     from kvtier.cache.state_prefix_cache import StatePrefixCache
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 MANAGERS: dict[type[KVCacheSpec], type[FullAttentionManager]] = {
     FullAttentionSpec: FullAttentionManager,
     SlidingWindowSpec: SlidingWindowManager,
+    HostValueSpec: FullAttentionManager,
     MambaSpec: MambaStateManager,
 }
 

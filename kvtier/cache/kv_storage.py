@@ -1,4 +1,5 @@
-"""The physical cache tensors: per layer group, one device pool and one host pool, sized by the memory plan.
+"""The physical cache tensors: per layer group, its pools (V in the host tier for KCache's layers) and a swap pool, sized
+by the memory plan.
 
 Each group's tensors are laid out by its kind: attention groups keep K and V in token slots of blocks,
 Mamba2 groups keep a conv and an SSM state per slot. Both answer the same two questions (each layer's
@@ -9,13 +10,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
 from kvtier.cache.layer_cache import LayerCache, summarize_blocks
 from kvtier.cache.memory_plan import GroupPlan, MemoryPlan
 from kvtier.cache.ops import CacheOps, Compaction, MoveKind, block_slots
-from kvtier.cache.specs import FullAttentionSpec, KVCacheSpec, MambaSpec, SlidingWindowSpec
+from kvtier.cache.specs import FullAttentionSpec, HostValueSpec, KVCacheSpec, MambaSpec, SlidingWindowSpec
 
 
 class GroupStorage(ABC):
@@ -36,60 +38,63 @@ class GroupStorage(ABC):
         raise TypeError(f"{type(self).__name__} holds no tokens to compact")
 
 
+class _Pool(NamedTuple):
+    """One tensor of an attention group, [layers, kv_heads, rows, ...] with rows a token slot (K, V, per-slot stats) or
+    a block (key summaries), in its home tier and in the swap pool."""
+
+    home: torch.Tensor
+    swap: torch.Tensor
+    per_block: bool = False
+
+
 class AttentionStorage(GroupStorage):
-    """K and V of the group's layers as [layers, 2, kv_heads, num_blocks * block_size, head_dim]; a block id means
-    the same slots in every layer of the group. What the spec asks a KV method to keep beside them (per-slot stats,
-    per-block key summaries) is laid out the same way and moves with them."""
+    """K and V of the group's layers, each [layers, kv_heads, num_blocks * block_size, head_dim]; a block id means the same
+    slots in every layer of the group. V lives in the host tier (pinned memory beside a GPU) where the spec says so
+    (KCache), K always where attention runs. What the spec asks a KV method to keep beside them (per-slot stats, per-block
+    key summaries) is laid out the same way; every pool moves with its block."""
 
     def __init__(self, gp: GroupPlan, block_size: int, device: torch.device) -> None:
         spec: FullAttentionSpec = gp.group.spec
         self.block_size = block_size
         layers, heads, pin = len(gp.group.layers), spec.num_kv_heads, device.type == "cuda"
         slots, host_slots = gp.num_blocks * block_size, gp.num_host_blocks * block_size
+        tier = torch.device("cpu") if isinstance(spec, HostValueSpec) else device
 
-        def pools(shape: tuple[int, ...], host_shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        def pool(rows: int, host_rows: int, tail: tuple[int, ...], dtype: torch.dtype, home: torch.device = device, per_block: bool = False) -> _Pool:
             # zeros, not empty: padded gathers read unused slots, and NaN garbage would leak through masks
-            return (torch.zeros(layers, *shape, dtype=dtype, device=device), torch.zeros(layers, *host_shape, dtype=dtype, pin_memory=pin))
+            return _Pool(torch.zeros(layers, heads, rows, *tail, dtype=dtype, device=home, pin_memory=pin and home.type == "cpu"),
+                         torch.zeros(layers, heads, host_rows, *tail, dtype=dtype, pin_memory=pin), per_block)
 
-        self.device, self.host = pools((2, heads, slots, spec.head_dim), (2, heads, host_slots, spec.head_dim), spec.dtype)
-        self.stats = pools((heads, slots), (heads, host_slots), torch.float32) if spec.slot_stats else None
-        self.summary = (pools((heads, gp.num_blocks, 2, spec.head_dim), (heads, gp.num_host_blocks, 2, spec.head_dim), spec.dtype)
-                        if spec.block_summary else None)
+        self.k = pool(slots, host_slots, (spec.head_dim,), spec.dtype)
+        self.v = pool(slots, host_slots, (spec.head_dim,), spec.dtype, tier)
+        self.stats = pool(slots, host_slots, (), torch.float32) if spec.slot_stats else None
+        self.summary = pool(gp.num_blocks, gp.num_host_blocks, (2, spec.head_dim), spec.dtype, per_block=True) if spec.block_summary else None
+        self.pools = [p for p in (self.k, self.v, self.stats, self.summary) if p is not None]
 
     def layer_caches(self) -> list[LayerCache]:
-        return [LayerCache(kv[0], kv[1], None if self.stats is None else self.stats[0][i], None if self.summary is None else self.summary[0][i])
-                for i, kv in enumerate(self.device)]
+        return [LayerCache(self.k.home[i], self.v.home[i], None if self.stats is None else self.stats.home[i],
+                           None if self.summary is None else self.summary.home[i]) for i in range(self.k.home.shape[0])]
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.device, self.host, *(self.stats or ()), *(self.summary or ())]
-
-    def _slots(self, blocks: list[int], device: torch.device) -> torch.Tensor:
-        return block_slots(torch.tensor(blocks, dtype=torch.long, device=device), self.block_size)
+        return [t for p in self.pools for t in (p.home, p.swap)]
 
     def move(self, kind: MoveKind, pairs: list[tuple[int, int]]) -> None:
-        src, dst = _spaces(self.device, self.host)[kind]
-        s = self._slots([p[0] for p in pairs], src.device)
-        d = self._slots([p[1] for p in pairs], dst.device)
-        dst[:, :, :, d] = src[:, :, :, s].to(dst.device)
-        if self.stats is not None:
-            src, dst = _spaces(*self.stats)[kind]
-            dst[:, :, d] = src[:, :, s].to(dst.device)
-        if self.summary is not None:
-            src, dst = _spaces(*self.summary)[kind]
-            sb = torch.tensor([p[0] for p in pairs], dtype=torch.long, device=src.device)
-            db = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=dst.device)
-            dst[:, :, db] = src[:, :, sb].to(dst.device)
+        blocks = torch.tensor(pairs, dtype=torch.long).T  # [2, moves]: sources, destinations
+        slots = block_slots(blocks, self.block_size)
+        for p in self.pools:
+            src, dst = _spaces(p.home, p.swap)[kind]
+            s, d = blocks if p.per_block else slots
+            dst[:, :, d.to(dst.device)] = src[:, :, s.to(src.device)].to(dst.device)
 
     def compact(self, compaction: Compaction) -> None:
-        src, dst = compaction.src.to(self.device.device), compaction.dst.to(self.device.device)
-        heads = torch.arange(src.shape[1], device=src.device)[:, None]
-        for layer, kv in enumerate(self.device):  # kv [2, kv_heads, slots, head_dim]
-            kv[:, :, dst] = kv[:, heads, src[layer]]  # the gather copies every kept row before the write
-            if self.stats is not None:
-                stats = self.stats[0][layer]
-                stats[:, dst] = stats[heads, src[layer]]
+        heads = torch.arange(compaction.src.shape[1])[:, None]
+        for layer in range(self.k.home.shape[0]):
+            for p in self.pools:
+                if not p.per_block:
+                    t = p.home[layer]  # [kv_heads, slots, ...]; the gather copies every kept row before the write
+                    t[:, compaction.dst.to(t.device)] = t[heads.to(t.device), compaction.src[layer].to(t.device)]
             if self.summary is not None:
-                summarize_blocks(kv[0], self.summary[0][layer], dst)
+                summarize_blocks(self.k.home[layer], self.summary.home[layer], compaction.dst.to(self.k.home.device))
 
 
 class StateStorage(GroupStorage):
@@ -125,6 +130,7 @@ def _spaces(device: torch.Tensor, host: torch.Tensor) -> dict[MoveKind, tuple[to
 STORAGES: dict[type[KVCacheSpec], type[GroupStorage]] = {
     FullAttentionSpec: AttentionStorage,
     SlidingWindowSpec: AttentionStorage,
+    HostValueSpec: AttentionStorage,
     MambaSpec: StateStorage,
 }
 

@@ -6,6 +6,11 @@ of longest sequences: a sliding-window group, which holds only its window and a 
 share and leaves the rest to full attention; a hybrid's Mamba2 state group gets one slot's bytes per
 longest sequence. ``mamba_full_memory_ratio`` (SGLang's flag: state bytes over K/V bytes) sets the
 state groups' share instead.
+
+KCache's layers keep V in a host tier with its own budget (``kv_host_memory``), split among such groups the same
+way; one block id names a K block and a V block, so a group has as many blocks as the smaller side holds. Without a
+host budget the tier holds V for every device block. The swap pool is a third budget: a swapped block takes its
+device bytes and its tier bytes there.
 """
 
 from __future__ import annotations
@@ -30,11 +35,18 @@ class GroupPlan:
     group: KVCacheGroup
     budget_bytes: int
     num_blocks: int
-    num_host_blocks: int
+    num_host_blocks: int  # the swap pool's
+    tier_budget_bytes: int = 0  # the host tier's share (V under KCache)
 
     @property
     def bytes_per_block(self) -> int:
         return self.group.bytes_per_block
+
+    @property
+    def tier_blocks(self) -> int | None:
+        """The blocks the host tier's budget holds; None where the group has no tier."""
+        per_block = self.group.tier_bytes_per_block
+        return self.tier_budget_bytes // per_block if per_block else None
 
 
 @dataclass(frozen=True)
@@ -45,13 +57,20 @@ class MemoryPlan:
 
     @property
     def bytes_per_token(self) -> int:
-        """K and V of one token across all layers."""
+        """The device bytes of one token across all layers: K and V (only K where V is in the host tier), and a KV method's
+        numbers."""
         return sum(g.group.bytes_per_token for g in self.groups)
+
+    @property
+    def tier_bytes_per_token(self) -> int:
+        """The host tier's bytes of one token across all layers (V under KCache)."""
+        return sum(g.group.tier_bytes_per_block // self.block_size for g in self.groups)
 
     @classmethod
     def split(cls, groups: Sequence[KVCacheGroup], budget_bytes: int, swap_bytes: int, max_model_len: int, max_chunk: int,
-              mamba_full_memory_ratio: float | None = None) -> MemoryPlan:
+              mamba_full_memory_ratio: float | None = None, tier_bytes: int | None = None) -> MemoryPlan:
         weights = [g.bytes_per_block * g.spec.max_blocks(max_model_len, max_chunk) for g in groups]
+        tier_weights = [g.tier_bytes_per_block * g.spec.max_blocks(max_model_len, max_chunk) for g in groups]
         state = [g.bytes_per_token == 0 for g in groups]  # per-sequence state, no per-token K/V
         if mamba_full_memory_ratio is not None and any(state) and not all(state):
             ratio = Fraction(mamba_full_memory_ratio)
@@ -60,9 +79,14 @@ class MemoryPlan:
         else:
             shares = [Fraction(w, sum(weights)) for w in weights]
         plans = []
-        for g, share in zip(groups, shares):
+        for g, share, tier_weight in zip(groups, shares, tier_weights):
             budget, swap = math.floor(budget_bytes * share), math.floor(swap_bytes * share)
-            plans.append(GroupPlan(g, budget, budget // g.bytes_per_block, swap // g.bytes_per_block))
+            blocks = budget // g.bytes_per_block
+            tier = 0
+            if tier_weight:
+                tier = blocks * g.tier_bytes_per_block if tier_bytes is None else math.floor(Fraction(tier_bytes) * Fraction(tier_weight, sum(tier_weights)))
+                blocks = min(blocks, tier // g.tier_bytes_per_block)
+            plans.append(GroupPlan(g, budget, blocks, swap // (g.bytes_per_block + g.tier_bytes_per_block), tier))
         return cls(groups[0].spec.block_size, budget_bytes, tuple(plans))
 
 

@@ -3,8 +3,9 @@
 The model config yields one ``KVCacheGroup`` per set of layers with the same kind of cache (after
 vLLM v1's KVCacheSpec): full attention keeps every token's K/V; a sliding-window layer needs only
 the last ``window`` tokens; a Mamba2 layer keeps one fixed-size state per sequence, whatever its
-length (one "block" of its own size). A new kind of state (K and V in different tiers) is a new spec
-with its own manager, and nothing above the coordinator changes.
+length (one "block" of its own size); KCache's layers keep K in the device pool and V in a host tier, both
+in blocks of the same table. A new kind of state is a new spec (with its own manager and storage where its
+blocks behave differently), and nothing above the coordinator changes.
 """
 
 from __future__ import annotations
@@ -34,8 +35,14 @@ class KVCacheSpec(ABC):
 
     @property
     def bytes_per_block(self) -> int:
-        """Bytes one block takes in one layer."""
+        """Bytes one block takes in one layer, in the device pool."""
         return self.bytes_per_token * self.block_size
+
+    @property
+    def tier_bytes_per_block(self) -> int:
+        """Bytes one block takes in one layer in the host tier, beside its device bytes (V under KCache); 0 for most
+        kinds. The swap pool is separate: a swapped block takes both."""
+        return 0
 
     def blocks_for(self, num_tokens: int) -> int:
         """Blocks a sequence's table holds to cover ``num_tokens`` tokens."""
@@ -68,15 +75,25 @@ class FullAttentionSpec(KVCacheSpec):
     # (H2O's accumulated attention), and each block's elementwise min and max of its keys (Quest's)
     slot_stats: bool = False
     block_summary: bool = False
+    kv_method: bool = False  # the engine's KV method acts in these layers (MethodState.layers)
+
+    @property
+    def row_bytes(self) -> int:
+        """One token's K (or V) in one layer: what a K or V row read costs."""
+        return self.num_kv_heads * self.head_dim * self._element_size
 
     @property
     def bytes_per_token(self) -> int:
         """K and V of one token in one layer, and the method's numbers for it."""
-        return self.num_kv_heads * (2 * self.head_dim * self._element_size + (4 if self.slot_stats else 0))
+        return 2 * self.row_bytes + self._stats_bytes
+
+    @property
+    def _stats_bytes(self) -> int:
+        return self.num_kv_heads * 4 if self.slot_stats else 0
 
     @property
     def bytes_per_block(self) -> int:
-        summary = 2 * self.num_kv_heads * self.head_dim * self._element_size if self.block_summary else 0
+        summary = 2 * self.row_bytes if self.block_summary else 0
         return self.bytes_per_token * self.block_size + summary
 
     @property
@@ -108,6 +125,25 @@ class SlidingWindowSpec(FullAttentionSpec):
     @property
     def sliding_window(self) -> int | None:
         return self.window
+
+
+@dataclass(frozen=True)
+class HostValueSpec(FullAttentionSpec):
+    """KCache's layers: K (and a method's numbers) in the device pool, V in a host tier; one block id names both, so
+    block tables, copy-on-write, prefix sharing and swap treat the pair as one block. ``bytes_per_token`` is the device
+    side only, which is what the device budget buys."""
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.row_bytes + self._stats_bytes
+
+    @property
+    def tier_bytes_per_block(self) -> int:
+        return self.row_bytes * self.block_size
+
+    @property
+    def label(self) -> str:
+        return "full attention, V in the host tier"
 
 
 @dataclass(frozen=True)
@@ -157,13 +193,27 @@ class KVCacheGroup:
     def bytes_per_block(self) -> int:
         return self.spec.bytes_per_block * len(self.layers)
 
+    @property
+    def tier_bytes_per_block(self) -> int:
+        return self.spec.tier_bytes_per_block * len(self.layers)
+
+
+@dataclass(frozen=True)
+class MethodState:
+    """What the engine's KV method keeps in the full-attention layers it acts in (``layers``): an fp32 number per token
+    and KV head (H2O's accumulated attention), each block's elementwise key min and max (Quest's), V in the host tier
+    (KCache's). The other layers keep plain K and V."""
+
+    layers: frozenset[int]
+    slot_stats: bool = False
+    block_summary: bool = False
+    host_values: bool = False
+
 
 def kv_cache_groups(cfg: ModelConfig, block_size: int, dtype: torch.dtype,
-                    mamba_dtypes: tuple[torch.dtype, torch.dtype] | None = None, slot_stats: bool = False,
-                    block_summary: bool = False) -> list[KVCacheGroup]:
+                    mamba_dtypes: tuple[torch.dtype, torch.dtype] | None = None, method: MethodState | None = None) -> list[KVCacheGroup]:
     """One group per distinct per-layer cache kind, in order of first appearance. A hybrid's Mamba2 layers keep
-    their conv and SSM states in ``mamba_dtypes`` (default: ``dtype``). ``slot_stats`` and ``block_summary``: what the
-    engine's KV method keeps beside full attention's K and V."""
+    their conv and SSM states in ``mamba_dtypes`` (default: ``dtype``); ``method``: what the engine's KV method keeps."""
     layers: dict[KVCacheSpec, list[int]] = {}
     for i, window in enumerate(cfg.sliding_windows):
         if i in cfg.mlp_layers:
@@ -172,8 +222,11 @@ def kv_cache_groups(cfg: ModelConfig, block_size: int, dtype: torch.dtype,
             m = cfg.mamba
             conv_dtype, ssm_dtype = mamba_dtypes or (dtype, dtype)
             spec: KVCacheSpec = MambaSpec(block_size, (m.conv_dim, m.conv_kernel - 1), (m.num_heads, m.head_dim, m.state_size), conv_dtype, ssm_dtype)
+        elif window is None and method is not None and i in method.layers:
+            kind = HostValueSpec if method.host_values else FullAttentionSpec
+            spec = kind(block_size, cfg.num_key_value_heads, cfg.head_dim, dtype, method.slot_stats, method.block_summary, kv_method=True)
         elif window is None:
-            spec = FullAttentionSpec(block_size, cfg.num_key_value_heads, cfg.head_dim, dtype, slot_stats, block_summary)
+            spec = FullAttentionSpec(block_size, cfg.num_key_value_heads, cfg.head_dim, dtype)
         else:
             spec = SlidingWindowSpec(block_size, cfg.num_key_value_heads, cfg.head_dim, dtype, window=window)
         layers.setdefault(spec, []).append(i)

@@ -58,11 +58,11 @@ class LLMEngine:
         if not args.enable_chunked_prefill and budget < self.max_model_len:
             raise InvalidArgumentError("max_num_batched_tokens", f"must be >= max_model_len ({self.max_model_len}) without chunked prefill, got {budget}")
         method = self._kv_method()
-        groups = kv_cache_groups(cfg, args.block_size, dtype, self._mamba_dtypes(dtype), method is not None and method.slot_stats,
-                                 method is not None and method.block_summary)
+        groups = kv_cache_groups(cfg, args.block_size, dtype, self._mamba_dtypes(dtype),
+                                 None if method is None else method.cache_state(cfg.num_hidden_layers))
         swap = int(args.swap_space * GiB) if args.preemption_mode == "swap" else 0
         self.memory_plan = MemoryPlan.split(groups, kv_budget_bytes(args, cfg, self.device), swap, self.max_model_len, budget,
-                                            args.mamba_full_memory_ratio)
+                                            args.mamba_full_memory_ratio, args.kv_host_memory)
         self._check_plan()
         self.prefix_cache_policy = self._prefix_cache_policy()
         self.kv = KVCacheCoordinator(self.memory_plan, budget, self.prefix_cache_policy == "hash", args.prefix_caching_hash_algo)
@@ -127,6 +127,16 @@ class LLMEngine:
         return method
 
     def _check_plan(self) -> None:
+        tiers = [g for g in self.memory_plan.groups if g.tier_blocks is not None]
+        if self.args.kv_host_memory is not None and not tiers:
+            raise InvalidArgumentError("kv_host_memory", f"sizes the host tier of V, which only --kv-method kcache keeps; got it with "
+                                       f"kv_method {self.args.kv_method!r}")
+        for g in tiers if self.args.kv_host_memory is not None else ():  # unset, the tier matches the device pool block for block
+            need = g.group.spec.max_blocks(self.max_model_len, 0)
+            if g.tier_blocks < need:
+                raise OutOfKVCacheError(f"kv_host_memory: the host tier's {g.tier_budget_bytes} bytes hold V for {g.tier_blocks} blocks, and one "
+                                        f"sequence of max_model_len ({self.max_model_len}) tokens needs {need} blocks of "
+                                        f"{g.group.tier_bytes_per_block} bytes; raise kv_host_memory or lower max_model_len")
         for g in self.memory_plan.groups:
             if g.num_blocks < 1:
                 knob = "kv_cache_memory" if self.args.kv_cache_memory is not None or self.device.type != "cuda" else "gpu_memory_utilization"
@@ -212,15 +222,17 @@ class LLMEngine:
         return self._finish_and_emit(plan)
 
     def _decode_bytes_read(self, num_slots: int) -> int:
-        """The K/V bytes one decode token's attention reads from a cache of ``num_slots`` tokens: every slot (a sliding
-        window's last ones), or what the KV method says it reads."""
+        """The K/V bytes one decode token's attention reads from a cache of ``num_slots`` tokens: every slot's K and V (a
+        sliding window's last ones), or in the KV method's layers the K and V rows it says it reads."""
         total = 0
+        cfg, method = self.model_config, self.compression.method
         for g in self.memory_plan.groups:
             spec = g.group.spec
             if spec.bytes_per_token:  # a Mamba2 state is read whole whatever the length: not K/V
                 rows = num_slots if spec.sliding_window is None else min(num_slots, spec.sliding_window)
-                method = self.compression.method
-                total += (rows if method is None else method.tokens_read(rows, spec.block_size)) * g.group.bytes_per_token
+                k_rows, v_rows = (method.rows_read(rows, spec.block_size, cfg.num_attention_heads // cfg.num_key_value_heads)
+                                  if method is not None and spec.kv_method else (rows, rows))
+                total += (k_rows + v_rows) * spec.row_bytes * len(g.group.layers)
         return total
 
     def _add_prompt_logprobs(self, req: Request, start: int, logits: torch.Tensor) -> None:

@@ -59,8 +59,8 @@ class ModelRunner:
             return StepLogits({}, {})
         windows = {g: self.specs[g].sliding_window for g in self.attention_groups}
         ordered, attention = self.backend.plan(list(step.seqs), self.block_size, windows, self.device)
-        for meta in attention:
-            meta.kv_method = self.decode_hooks
+        for g, meta in zip(self.attention_groups, attention):
+            meta.kv_method = self.decode_hooks if getattr(self.specs[g], "kv_method", False) else None
             if decode_probs:
                 meta.decode_probs = []
         asked = self._ask_queries(ordered, attention, step.query_rows) if step.query_rows else []

@@ -118,6 +118,7 @@ def cmd_info(ns: argparse.Namespace) -> int:
         "memory_plan": {
             "kv_budget_bytes": plan.budget_bytes,
             "kv_bytes_per_token": plan.bytes_per_token,
+            "host_tier_bytes_per_token": plan.tier_bytes_per_token,
             "block_size": plan.block_size,
             "groups": [{
                 "kind": g.group.spec.label,
@@ -128,6 +129,7 @@ def cmd_info(ns: argparse.Namespace) -> int:
                 "bytes_per_block": g.bytes_per_block,
                 "num_blocks": g.num_blocks,
                 "num_host_blocks": g.num_host_blocks,
+                "host_tier_bytes": g.tier_budget_bytes,  # V under --kv-method kcache (kv_host_memory)
                 "max_cached_tokens": g.num_blocks * plan.block_size if g.group.bytes_per_token else None,  # a state slot holds no tokens
             } for g in plan.groups],
         },
@@ -161,8 +163,9 @@ def info_summary(model: str, info: dict) -> str:
     for g in plan["groups"]:
         held = f"{g['max_cached_tokens']} tokens" if g["max_cached_tokens"] is not None else "one a sequence"
         unit = "blocks" if g["max_cached_tokens"] is not None else "slots"
+        tier = f"; V in {_size(g['host_tier_bytes'])} of host tier" if g["host_tier_bytes"] else ""
         rows.append((f"  {g['kind']}", f"{len(g['layers'])} layers, {g['share']:.0%} = {_size(g['budget_bytes'])}: {g['num_blocks']} {unit} "
-                                       f"of {_size(g['bytes_per_block'])}, {held}; {g['num_host_blocks']} host {unit}"))
+                                       f"of {_size(g['bytes_per_block'])}, {held}{tier}; {g['num_host_blocks']} swap {unit}"))
     rows.append(("blocks now", f"{kv['kv_blocks_free']} free, {kv['kv_blocks_cached']} cached, {kv['kv_blocks_used']} used"))
     if info["mamba_layers"]:
         free = kv["mamba_slots_total"] - kv["mamba_slots_used"] - kv["mamba_slots_cached"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from tqdm import tqdm
 
@@ -47,6 +47,8 @@ class EvalCell:
     by_depth: dict[float, float]  # retrieval tasks only
     kl: float | None = None  # "agreement" only: mean KL(full || method), nats
     perplexity: float | None = None  # "perplexity" only: exp(mean NLL) of the true tokens after the context
+    scores: tuple[float, ...] = ()  # retrieval and common words: each sample's score, in sample order
+    lost: int | None = None  # a method's retrieval cells: samples the full cache answered right and this run did not
 
 
 def check_eval_args(kv_method: str | Sequence[str], kv_method_config: dict | str | None, budgets: Sequence[float | int], tasks: Sequence[str],
@@ -119,7 +121,10 @@ def run_eval(model: str, kv_method: str | Sequence[str] = NONE, kv_method_config
                     if phrasing is not None and task in PHRASINGS:
                         kw["phrasing"] = phrasing
                     r = run_engine_probe(llm, llm.get_tokenizer(), task, context, trials, sample_seed, protocol=protocol, **kw)
-                    cell = EvalCell(name, task, context, r.trials, r.accuracy, r.by_depth)
+                    cell = EvalCell(name, task, context, r.trials, r.accuracy, r.by_depth, scores=r.scores)
+                    if name != FULL:
+                        full = next(c for c in cells if c.method == FULL and c.task == task and c.context_tokens == context)
+                        cell = replace(cell, lost=sum(f == 1 and m < 1 for f, m in zip(full.scores, cell.scores)))
                 cells.append(cell)
                 bar.set_postfix_str(f"{name} {task} {context}: {_shown(asdict(cell))}")
                 bar.update()
@@ -145,7 +150,8 @@ def _shown(cell: dict) -> str:
     """A cell as the table shows it: its perplexity, or its score (and KL, for agreement)."""
     if cell.get("perplexity") is not None:
         return f"ppl {cell['perplexity']:.1f}"
-    return f"{cell['accuracy']:.0%}" + (f", KL {cell['kl']:.3f}" if cell.get("kl") is not None else "")
+    lost = f" (-{cell['lost']})" if cell.get("lost") else ""
+    return f"{cell['accuracy']:.0%}" + (f", KL {cell['kl']:.3f}" if cell.get("kl") is not None else "") + lost
 
 
 def markdown_table(result: dict) -> str:
@@ -164,6 +170,8 @@ def markdown_table(result: dict) -> str:
         lines.append(f"| {task}{mark} | {context} | " + " | ".join(_shown(cells[(m, task, context)]) for m in methods) + " |")
     if failed:
         lines += ["", "\\* the full cache scores below 50% here: no method can be judged on this row"]
+    if any(c.get("lost") for c in cells.values()):
+        lines += ["", "(-n): n samples the full cache answered right and this run did not"]
     if any(c.get("kl") is not None for c in cells.values()):
         lines += ["", f"agreement: top-1 agreement with the full cache's greedy continuation ({AGREEMENT_TOKENS} tokens after held-out "
                   "text) and the mean KL(full || method) of the next-token distributions, in nats"]

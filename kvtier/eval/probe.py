@@ -32,6 +32,7 @@ class ProbeResult:
     trials: int
     accuracy: float  # the mean score: a common-words reply scores the fraction of the words it names
     by_depth: dict[float, float]  # depth -> accuracy over the trials at that depth (none for common words)
+    scores: tuple[float, ...] = ()  # each sample's score, in sample order
 
 
 def trial_depths(trials: int, num_depths: int = 10) -> list[float]:
@@ -130,11 +131,12 @@ def run_engine_probe(llm: LLM, tokenizer: TokenEncoder, task: str, context_token
 def score(task: str, context_tokens: int, replies: Iterable[tuple[RetrievalSample, str]]) -> ProbeResult:
     """The mean score over (sample, reply) pairs, overall and by depth (samples without a depth count only overall)."""
     hits: dict[float | None, list[float]] = defaultdict(list)
+    total = []
     for sample, reply in replies:
-        hits[sample.depth].append(sample.score(reply))
-    total = [h for v in hits.values() for h in v]
+        total.append(sample.score(reply))
+        hits[sample.depth].append(total[-1])
     by_depth = {d: sum(v) / len(v) for d, v in sorted((d, v) for d, v in hits.items() if d is not None)}
-    return ProbeResult(task, context_tokens, len(total), sum(total) / len(total), by_depth)
+    return ProbeResult(task, context_tokens, len(total), sum(total) / len(total), by_depth, tuple(total))
 
 
 @torch.inference_mode()

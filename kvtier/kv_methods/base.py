@@ -9,9 +9,12 @@ scores and chooses:
   SnapKV, H2O);
 - ``select_blocks``: inside each decode step's attention, the blocks each KV head reads (Quest);
 - ``observe_decode``: inside each decode step's attention, the probabilities each cache slot received (H2O);
+- ``read_values``: inside each decode step's attention, the output from the probabilities, reading only the V rows it
+  chooses (KCache);
 - ``after_decode``: after each decode step, the cache slots to keep (H2O's eviction as the cache grows).
 
-What a method keeps beside K and V (``slot_stats``, ``block_summary``) is allocated, moved and accounted with them.
+What a method keeps beside K and V (``slot_stats``, ``block_summary``, V in the host tier) is allocated, moved and
+accounted with them, in the layers it acts in (``cache_state``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 
 from kvtier.attention.metadata import BlockSelection, DecodeGroup
 from kvtier.cache.layer_cache import LayerCache
+from kvtier.cache.specs import MethodState
 from kvtier.errors import InvalidArgumentError
 
 
@@ -86,11 +90,21 @@ class KVMethod:
     config_class: ClassVar[type[KVMethodConfig]] = KVMethodConfig
     slot_stats: ClassVar[bool] = False  # keeps an fp32 number per token and KV head beside K and V
     block_summary: ClassVar[bool] = False  # keeps each block's elementwise key min and max
-    decode_hooks: ClassVar[bool] = False  # acts inside decode attention (``select_blocks``, ``observe_decode``)
+    host_values: ClassVar[bool] = False  # keeps V in the host tier
+    decode_hooks: ClassVar[bool] = False  # acts inside decode attention (``select_blocks``, ``observe_decode``, ``read_values``)
     observes_decode: ClassVar[bool] = False
+    reads_values: ClassVar[bool] = False  # computes the output from the probabilities itself (``read_values``)
 
     def __init__(self, config: KVMethodConfig) -> None:
         self.config = config
+
+    def layers(self, num_layers: int) -> range:
+        """The layers the method acts in; the others keep and read their whole cache."""
+        return range(num_layers)
+
+    def cache_state(self, num_layers: int) -> MethodState:
+        """What the cache keeps for the method, and in which layers."""
+        return MethodState(frozenset(self.layers(num_layers)), self.slot_stats, self.block_summary, self.host_values)
 
     @property
     def window(self) -> int:
@@ -112,15 +126,23 @@ class KVMethod:
         """After one layer's decode attention for KV ``head``: ``probs`` [rows, group's query heads, keys] (fp32) over
         the cache ``slots`` [rows, keys] it read (0 where a row sees no key)."""
 
+    def read_values(self, probs: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+        """One layer's decode attention output, from ``probs`` [rows, kv_heads, group's query heads, keys] (fp32, 0 where a
+        row sees no key) over the cache ``slots`` [rows, keys] they came from, each row having ``context_lens`` [rows]
+        keys, reading rows of the layer's ``values`` [kv_heads, cache slots, head_dim] (wherever they live):
+        [rows, kv_heads, group's query heads, head_dim] in fp32. Called only by a method with ``reads_values``, which
+        selects no blocks."""
+        raise NotImplementedError
+
     def after_decode(self, cache: DecodeCache) -> torch.Tensor | None:
         """After a decode step, the cache slots each layer and KV head keeps, [num_layers, num_kv_heads, kept]
         ascending; None keeps them all."""
         return None
 
-    def tokens_read(self, num_slots: int, block_size: int) -> int:
-        """K/V rows one decode query reads per layer and KV head from a cache of ``num_slots`` (the method's own reads
-        included): what a step's attention costs in memory traffic."""
-        return num_slots
+    def rows_read(self, num_slots: int, block_size: int, group_size: int) -> tuple[int, int]:
+        """(K rows, V rows) one decode query reads per layer and KV head from a cache of ``num_slots``, ``group_size`` query
+        heads sharing the KV head (what the method reads beside them counted in K rows): a step's memory traffic."""
+        return num_slots, num_slots
 
 
 def prompt_attention(queries: torch.Tensor, keys: torch.Tensor, first: int) -> torch.Tensor:

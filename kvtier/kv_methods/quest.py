@@ -53,6 +53,7 @@ class Quest(KVMethod):
         visible = (positions < group.context_lens[None, :, None]) & ranked[None]
         return BlockSelection(ids.flatten(1), visible[:, :, None, :])
 
-    def tokens_read(self, num_slots: int, block_size: int) -> int:
+    def rows_read(self, num_slots: int, block_size: int, group_size: int) -> tuple[int, int]:
         blocks = blocks_needed(num_slots, block_size)
-        return min(blocks, self._blocks(num_slots, block_size)) * block_size + 2 * blocks  # + each block's min and max
+        chosen = min(blocks, self._blocks(num_slots, block_size)) * block_size
+        return chosen + 2 * blocks, chosen  # each block's min and max are a K row each

@@ -318,17 +318,19 @@ def test_block_moves_are_done_in_the_order_decided():
     spec = FullAttentionSpec(BLOCK, 1, 1, torch.float32)
     plan = MemoryPlan.split([KVCacheGroup(spec, (0,))], 4 * 32, 2 * 32, 4096, 64)  # 4 device, 2 host blocks of 1 layer x 1 head x dim 1
     storage = KVStorage(plan, torch.device("cpu"))
-    device_kv, host_kv = storage.groups[0].device, storage.groups[0].host
-    for b in range(4):
-        device_kv[:, :, :, b * BLOCK:(b + 1) * BLOCK] = float(b)
+    pools = storage.groups[0].k, storage.groups[0].v
+    for pool in pools:
+        for b in range(4):
+            pool.home[:, :, b * BLOCK:(b + 1) * BLOCK] = float(b)
     ops = CacheOps()
     ops.add("copy", 1, 2)  # block 2 takes block 1's K/V ...
     ops.add("swap_out", 2, 0)  # ... and then goes to host block 0
     ops.add("copy", 3, 2)  # block 2, given back, is reused at once
     assert [kind for kind, _ in ops.runs()] == ["copy", "swap_out", "copy"]
     storage.apply([ops])
-    assert host_kv[:, :, :, 0:BLOCK].eq(1.0).all()
-    assert device_kv[:, :, :, 2 * BLOCK:3 * BLOCK].eq(3.0).all()
+    for pool in pools:
+        assert pool.swap[:, :, 0:BLOCK].eq(1.0).all()
+        assert pool.home[:, :, 2 * BLOCK:3 * BLOCK].eq(3.0).all()
     chained = CacheOps()
     for src, dst in [(0, 1), (1, 2), (3, 0)]:
         chained.add("copy", src, dst)

@@ -105,9 +105,24 @@ def test_info_reads_as_a_summary_by_default(model_dir):
     rows = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in r.stdout.splitlines() if not line.startswith("("))
     assert rows["architecture"].startswith("LlamaForCausalLM")
     assert rows["KV budget"] == "1.0 MiB, split among 1 layer group(s):"
-    assert rows["full attention"] == f"2 layers, 100% = 1.0 MiB: {blocks} blocks of 8.0 KiB, {blocks * 16} tokens; 0 host blocks"
+    assert rows["full attention"] == f"2 layers, 100% = 1.0 MiB: {blocks} blocks of 8.0 KiB, {blocks * 16} tokens; 0 swap blocks"
     assert per_token == 512 and rows["KV per token"] == "512 B in blocks of 16 tokens"
     assert rows["blocks now"] == f"{blocks} free, 0 cached, 0 used"
+
+
+def test_info_under_kcache_shows_k_on_the_device_and_v_in_the_host_tier(model_dir):
+    """``--kv-method kcache``: a token takes half the device bytes, so the same budget holds twice the blocks, and V has
+    its own budget (``--kv-host-memory``); a host tier too small for one sequence fails at start naming the flag."""
+    args = ["info", "--model", str(model_dir), "--kv-cache-memory", str(1 << 20), "--kv-method", "kcache", "--max-model-len", "512"]
+    r = kvtier(*args, "--kv-host-memory", str(1 << 19))
+    assert r.returncode == 0, r.stderr
+    rows = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in r.stdout.splitlines() if not line.startswith("("))
+    blocks = (1 << 19) // (256 * 16)  # the host tier binds: V of 2 layers x 2 KV heads x head_dim 16, fp32, 16 tokens a block
+    assert rows["KV per token"] == "256 B in blocks of 16 tokens"
+    assert rows["full attention, V in the host tier"] == (f"2 layers, 100% = 1.0 MiB: {blocks} blocks of 4.0 KiB, {blocks * 16} tokens; "
+                                                          "V in 512.0 KiB of host tier; 0 swap blocks")
+    small = kvtier(*args, "--kv-host-memory", str(4096 * 10))
+    assert small.returncode != 0 and "kv_host_memory" in small.stderr
 
 
 def test_python_dash_m_kvtier_is_the_kvtier_command(model_dir):

@@ -22,8 +22,10 @@ def test_streamingllm_fails_where_it_evicted_the_needle_and_nowhere_else():
     assert full["accuracy"] == 1.0, full
     assert all(acc == 0.0 for depth, acc in kept["by_depth"].items() if depth <= 0.5), kept
     assert kept["by_depth"][1.0] == 1.0, kept
+    assert full["lost"] is None and len(kept["scores"]) == 10
+    assert kept["lost"] == 10 - sum(kept["scores"]) >= 5, "the full cache answered all: every miss is one it lost"
     table = markdown_table(result)
-    assert "| passkey | 512 | 100% | " in table and "streamingllm @ 0.25" in table
+    assert "| passkey | 512 | 100% | " in table and "streamingllm @ 0.25" in table and f"(-{kept['lost']})" in table
 
 
 def test_the_query_aware_protocol_prefills_the_question_with_the_haystack():

@@ -153,9 +153,11 @@ def quest_attention(budget):
 
 
 @torch.no_grad()
-def quest_reference(path, prompt, tokens, budget):
-    transformers.AttentionInterface.register("quest_reference", quest_attention(budget))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, attn_implementation="quest_reference").eval()
+def attention_reference(path, prompt, tokens, name, attention):
+    """transformers in float64 with ``attention`` as its attention function, fed the prompt, then ``tokens`` one decode step
+    each: the logits before each token."""
+    transformers.AttentionInterface.register(name, attention)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, attn_implementation=name).eval()
     out = hf(torch.tensor([prompt]), use_cache=True)
     cache, logits = out.past_key_values, [out.logits[0, -1]]
     for i, t in enumerate(tokens[:-1]):
@@ -169,7 +171,7 @@ def test_quest_reads_the_blocks_a_float64_reference_chooses(llama_dir, budget):
     prompt = prompts_of([150], 512, seed=22)[0]
     tokens, mine, cuts = run_engine(llama_dir, prompt, 24, kv_method="quest", kv_method_config={"budget": budget})
     assert cuts == [], "Quest evicts nothing"
-    expect = quest_reference(llama_dir, prompt, tokens, budget)
+    expect = attention_reference(llama_dir, prompt, tokens, "quest_reference", quest_attention(budget))
     assert (mine - expect).abs().max().item() <= TOL
     full_tokens, full, _ = run_engine(llama_dir, prompt, 24)
     assert (full[1:] - mine[1:]).abs().max().item() > 1e-3, "the selection changed nothing: the test could not fail"
@@ -216,14 +218,15 @@ def test_quest_key_bounds_follow_every_block_through_recompute(llama_dir):
 
 
 def test_decode_reads_are_accounted_by_what_the_method_reads(llama_dir):
-    """``kv_bytes_read`` adds, per decode token, the K/V rows its attention reads times 512 bytes (K and V, 2 layers,
-    2 KV heads, head_dim 16, fp32): every cached token with the full cache; with Quest at 32 tokens, two blocks plus
-    each block's min and max row."""
+    """``kv_bytes_read`` adds, per decode token, the K and V rows its attention reads times 256 bytes (one row: 2 layers,
+    2 KV heads, head_dim 16, fp32): every cached token's K and V with the full cache; with Quest at 32 tokens, the K
+    and V of two blocks, plus each block's min and max (a K row each); with KCache at 32, every K row and 32 V rows for
+    each of the 2 query heads a KV head serves (or 32 once, with one choice per KV head)."""
     prompt = prompts_of([150], 512, seed=24)[0]
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     contexts = range(151, 170)  # the 19 decode steps after the token the prefill samples, each with its own token cached
-    for method, rows in (("none", lambda n: n), ("quest", lambda n: 32 + 2 * math.ceil(n / BLOCK))):
-        llm = LLM(str(llama_dir), dtype="float32", kv_cache_memory=1 << 22, kv_method=method,
-                  kv_method_config=None if method == "none" else {"budget": 32})
+    for method, config, rows in (("none", None, lambda n: 2 * n), ("quest", {"budget": 32}, lambda n: 2 * 32 + 2 * math.ceil(n / BLOCK)),
+                                 ("kcache", {"top_n": 32}, lambda n: n + 2 * 32), ("kcache", {"top_n": 32, "per_kv_head": True}, lambda n: n + 32)):
+        llm = LLM(str(llama_dir), dtype="float32", kv_cache_memory=1 << 22, kv_method=method, kv_method_config=config)
         llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)
-        assert llm.get_metrics()["kv_bytes_read"] == 512 * sum(rows(n) for n in contexts)
+        assert llm.get_metrics()["kv_bytes_read"] == 256 * sum(rows(n) for n in contexts), (method, config)

@@ -1,0 +1,98 @@
+"""KCache (He & Wu, 2024): K where attention runs, V in host memory, and only the Top-N V rows read at each decode step.
+
+Every decode query scores all its keys exactly (q.K^T and the softmax over the whole context, K being in the device
+pool), keeps the N highest probabilities of each head and reads only those N rows of V, one batched gather from the
+host tier, for the weighted sum. Prefill is exact: its queries read V whole. Nothing is evicted, so a larger N or a
+later question can always recover what a smaller N missed; what KCache saves is device memory (V's half of every
+token, ``HostValueSpec``) and V traffic per step.
+
+The paper's body could not be read (../shared/methods/kcache.md), so its open choices are config keys: ``top_n`` (a
+count, or a fraction of the context; ``budget``, every method's key, is its alias), ``dense_layers`` (the first L
+layers keep V beside K and read it whole, as Quest's evaluation keeps its first two), ``renormalize`` (the Top-N
+probabilities rescaled to sum to 1, as Quest's attention over its chosen pages does; else the missing mass is
+dropped) and ``per_kv_head`` (under grouped-query attention one Top-N per KV head, scored by the highest probability
+among the query heads that share it, as ShadowKV chooses; else one per query head).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvtier.errors import InvalidArgumentError
+from kvtier.kv_methods.base import KVMethod, KVMethodConfig
+
+
+@dataclass(frozen=True)
+class KCacheConfig(KVMethodConfig):
+    """``top_n``: V rows each head reads per decode step, a whole number >= 1 or a fraction of the context in (0, 1]
+    (None: ``budget``, its alias). ``dense_layers``: how many of the first layers stay dense."""
+
+    top_n: float | int | None = None
+    dense_layers: int = 0
+    renormalize: bool = True
+    per_kv_head: bool = False
+
+    def __post_init__(self) -> None:
+        if self.top_n is not None:
+            if self.budget not in (1.0, self.top_n):
+                raise InvalidArgumentError("kv_method_config.top_n",
+                                           f"is budget's alias: give one of them, got top_n {self.top_n!r} and budget {self.budget!r}")
+            try:
+                KVMethodConfig(self.top_n)
+            except InvalidArgumentError as e:
+                raise InvalidArgumentError("kv_method_config.top_n", e.message) from None
+            object.__setattr__(self, "budget", self.top_n)
+        super().__post_init__()
+        if isinstance(self.dense_layers, bool) or not isinstance(self.dense_layers, int) or self.dense_layers < 0:
+            raise InvalidArgumentError("kv_method_config.dense_layers", f"must be a whole number of layers >= 0, got {self.dense_layers!r}")
+        for name in ("renormalize", "per_kv_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidArgumentError(f"kv_method_config.{name}", f"must be true or false, got {getattr(self, name)!r}")
+
+
+class KCache(KVMethod):
+    name = "kcache"
+    config_class = KCacheConfig
+    host_values = True
+    decode_hooks = True
+    reads_values = True
+    config: KCacheConfig
+
+    def layers(self, num_layers: int) -> range:
+        dense = self.config.dense_layers
+        if dense >= num_layers:
+            raise InvalidArgumentError("kv_method_config.dense_layers", f"must be in [0, {num_layers - 1}] for a model of {num_layers} layers, got {dense}")
+        return range(dense, num_layers)
+
+    def _counts(self, context_lens: torch.Tensor) -> torch.Tensor:
+        """The V rows each decode row reads, [rows]: ``config.kept`` of its context."""
+        b = self.config.budget
+        if isinstance(b, float) and b <= 1:
+            return (context_lens * b).floor().long().clamp(min=1)
+        return context_lens.clamp(max=int(b))
+
+    def read_values(self, probs: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+        rows, kv_heads, group, width = probs.shape
+        flat = values.view(-1, values.shape[-1])  # [kv_heads * slots, D]: one gather serves every head
+        base = torch.arange(kv_heads, device=slots.device)[:, None, None] * values.shape[1]
+        counts = self._counts(context_lens)
+        if bool((counts >= context_lens).all()):  # N covers every key: read V whole
+            picked = slots[:, None, None, :] + base  # [rows, kv_heads, 1, width]
+            p = probs
+        else:
+            n = int(counts.max())
+            score = probs.amax(2, keepdim=True) if self.config.per_kv_head else probs  # [rows, kv_heads, 1 or group, width]
+            top = score.topk(n, dim=-1).indices  # best first, so a row with a smaller count keeps its first ranks
+            picked = slots.gather(1, top.flatten(1)).view(top.shape) + base
+            p = probs.gather(-1, top.expand(rows, kv_heads, group, n))
+            p = p.masked_fill(torch.arange(n, device=p.device) >= counts[:, None, None, None], 0.0)
+            if self.config.renormalize:
+                p = p / p.sum(-1, keepdim=True)
+        v = flat.index_select(0, picked.flatten().to(flat.device)).to(probs.device).view(*picked.shape, -1)  # from the host tier
+        return (p.unsqueeze(-2) @ v.float()).squeeze(-2)  # [rows, kv_heads, group, 1, n] @ [rows, kv_heads, 1 or group, n, D]
+
+    def rows_read(self, num_slots: int, block_size: int, group_size: int) -> tuple[int, int]:
+        kept = self.config.kept(num_slots)
+        return num_slots, num_slots if kept >= num_slots else kept * (1 if self.config.per_kv_head else group_size)
