@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -132,7 +133,8 @@ def memory(model: str, contexts: list[int], full_seqs: int) -> dict:
 
 def throughput(model: str, contexts: list[int], full_seqs: int, max_tokens: int, top_n: int, repeats: int) -> list[dict]:
     """Decode throughput at each context (prompt + ``max_tokens`` = context) under the device budget of ``full_seqs``
-    full-cache sequences: twice the largest batch of requests for each cache, runs interleaved ``repeats`` times."""
+    full-cache sequences: as many requests as the largest batch, so once all are prefilled they decode together; the
+    caches' runs interleaved, ``repeats`` times."""
     rows = []
     for context in contexts:
         probe = LLM(model, dtype="float32", kv_cache_memory=1 << 20).engine
@@ -143,7 +145,7 @@ def throughput(model: str, contexts: list[int], full_seqs: int, max_tokens: int,
                 llm = LLM(model, dtype="float32", kv_cache_memory=budget, enable_prefix_caching=False, **kw)
                 plan = llm.engine.memory_plan
                 batch = min(g.num_blocks // blocks_needed(context, plan.block_size) for g in plan.groups)
-                prompts = random_prompts(2 * batch, context - max_tokens, vocab, seed=rep)
+                prompts = random_prompts(batch, context - max_tokens, vocab, seed=rep)
                 r = peak_decoding(llm.engine, prompts, max_tokens)
                 rows.append({"context": context, "cache": name, "repeat": rep, "largest_batch": batch, **r})
                 del llm
@@ -191,7 +193,7 @@ def report(result: dict) -> str:
             for r in rows:
                 if r["context"] == context:
                     by_cache.setdefault(r["cache"], []).append(r)
-            med = {name: sorted(x["decode_only_tokens_per_s"] for x in rs)[len(rs) // 2] for name, rs in by_cache.items()}
+            med = {name: statistics.median(x["decode_only_tokens_per_s"] for x in rs) for name, rs in by_cache.items()}
             for name, rs in by_cache.items():
                 lines.append(f"| {context} | {name} | {rs[0]['largest_batch']} | {rs[0]['peak_decoding']} | {med[name]} | "
                              f"{med[name] / med['full cache']:.2f} |")
@@ -233,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=200)
     p.add_argument("--haystack", default="noise")
     p.add_argument("--full-seqs", type=int, default=4, help="the device budget: what this many full-cache sequences need")
-    p.add_argument("--max-tokens", type=int, default=64, help="decoded per request in the throughput section")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--max-tokens", type=int, default=256, help="decoded per request in the throughput section")
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json-out", type=Path)
     p.add_argument("--markdown-out", type=Path)
     p.add_argument("--plot-out", type=Path)
