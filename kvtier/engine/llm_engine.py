@@ -127,21 +127,25 @@ class LLMEngine:
         return method
 
     def _check_plan(self) -> None:
-        tiers = [g for g in self.memory_plan.groups if g.tier_blocks is not None]
-        if self.args.kv_host_memory is not None and not tiers:
-            raise InvalidArgumentError("kv_host_memory", f"sizes the host tier of V, which only --kv-method kcache keeps; got it with "
-                                       f"kv_method {self.args.kv_method!r}")
-        for g in tiers if self.args.kv_host_memory is not None else ():  # unset, the tier matches the device pool block for block
-            need = g.group.spec.max_blocks(self.max_model_len, 0)
-            if g.tier_blocks < need:
-                raise OutOfKVCacheError(f"kv_host_memory: the host tier's {g.tier_budget_bytes} bytes hold V for {g.tier_blocks} blocks, and one "
-                                        f"sequence of max_model_len ({self.max_model_len}) tokens needs {need} blocks of "
-                                        f"{g.group.tier_bytes_per_block} bytes; raise kv_host_memory or lower max_model_len")
+        if self.args.kv_host_memory is not None:  # unset, the host tier matches the device pool block for block
+            self._check_host_tier()
         for g in self.memory_plan.groups:
             if g.num_blocks < 1:
                 knob = "kv_cache_memory" if self.args.kv_cache_memory is not None or self.device.type != "cuda" else "gpu_memory_utilization"
                 raise OutOfKVCacheError(f"{knob}: the KV budget of {g.budget_bytes} bytes for the {g.group.spec.label} layers holds no block of "
                                         f"{g.bytes_per_block} bytes; raise {knob}")
+
+    def _check_host_tier(self) -> None:
+        tiers = [g for g in self.memory_plan.groups if g.tier_blocks is not None]
+        if not tiers:
+            raise InvalidArgumentError("kv_host_memory", f"sizes the host tier of V, which only --kv-method kcache keeps; got it with "
+                                       f"kv_method {self.args.kv_method!r}")
+        for g in tiers:
+            need = g.group.spec.max_blocks(self.max_model_len, 0)
+            if g.tier_blocks < need:
+                raise OutOfKVCacheError(f"kv_host_memory: the host tier's {g.tier_budget_bytes} bytes hold V for {g.tier_blocks} blocks, and one "
+                                        f"sequence of max_model_len ({self.max_model_len}) tokens needs {need} blocks of "
+                                        f"{g.group.tier_bytes_per_block} bytes; raise kv_host_memory or lower max_model_len")
 
     # ---- requests ----------------------------------------------------------------------------
     def add_request(self, prompt: PromptInput | EngineInput, params: SamplingParams | BeamSearchParams, request_id: str | None = None,
