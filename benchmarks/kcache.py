@@ -5,6 +5,8 @@
   attention output (renormalised and truncated), per layer, over held-out text at 2K;
 - accuracy: passkey and multi-key needles through ``kvtier eval``: full cache, KCache at several N, and Quest and H2O
   reading the same number of V rows per KV head;
+- ablation: the same samples at N = ``--equal-cost`` with probabilities truncated, per-KV-head Top-N, and the first one
+  or two layers dense;
 - memory: device and host bytes per token, and the largest batch a fixed device budget holds at 1K, 2K and 4K;
 - throughput: decode tokens/s vs context under that budget, the full cache and KCache each at their largest batch.
 
@@ -22,18 +24,19 @@ import time
 from pathlib import Path
 
 import torch
-from report_io import write_report
+from report_io import eval_sections, write_report
 from sliding_window import peak_decoding, random_prompts
 
 from kvtier import LLM, SamplingParams
 from kvtier.cache.specs import blocks_needed
 from kvtier.eval.agreement import text_windows
-from kvtier.eval.harness import markdown_table, run_eval
+from kvtier.eval.harness import run_eval
 from kvtier.machine import machine_line
 from kvtier.models.checkpoint_builder import build_random_checkpoint
 from kvtier.sampling.logits_processors import RecordLogits
 
-SECTIONS = ("exactness", "error", "accuracy", "memory", "throughput")
+SECTIONS = ("exactness", "error", "accuracy", "ablation", "memory", "throughput")
+ABLATIONS = ({}, {"renormalize": False}, {"per_kv_head": True}, {"dense_layers": 1}, {"dense_layers": 2})
 
 
 def greedy_logits(llm: LLM, prompt: list[int], tokens: int) -> tuple[list[int], torch.Tensor]:
@@ -171,8 +174,7 @@ def report(result: dict) -> str:
             lines.append(f"| {n} | " + " | ".join(f"{cells[layer]['captured_mass']:.3f} / {cells[layer]['rel_err_renormalized']:.3f} / "
                                                   f"{cells[layer]['rel_err_truncated']:.3f}" for layer in layers) + " |")
         lines.append("")
-    if "accuracy" in result:
-        lines += ["Accuracy (`kvtier eval`):", "", markdown_table(result["accuracy"]), ""]
+    lines += eval_sections(result)
     if "memory" in result:
         mem = result["memory"]
         lines += ["Bytes per token (all layers, engine accounting):", "", "| cache | device | host tier | device / full |", "| --- | --- | --- | --- |"]
@@ -257,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         kcache["cells"] += [c for c in baselines["cells"] if c["method"] != "full cache"]
         kcache["kv_method"] = ["kcache", "quest", "h2o"]
         result["accuracy"] = kcache
+    if "ablation" in args.sections:
+        result["ablation"] = run_eval(args.model, "kcache", None, [args.equal_cost], args.tasks, args.contexts, args.trials, haystack=args.haystack,
+                                      variants=ABLATIONS, dtype="float32")
     if "memory" in args.sections:
         result["memory"] = memory(args.model, [1024, 2048, 4096], args.full_seqs)
     if "throughput" in args.sections:

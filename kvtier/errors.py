@@ -30,3 +30,7 @@ class UnsupportedArchitectureError(KvtierError, ValueError):
 
 class OutOfKVCacheError(KvtierError, RuntimeError):
     """The KV-cache budget cannot hold even one request of the configured shape."""
+
+
+class MPCUnavailableError(KvtierError, RuntimeError):
+    """Private decoding needs the MPC environment (SecretFlow SPU), which is not installed; the message says how to make it."""

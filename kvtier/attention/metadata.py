@@ -59,6 +59,7 @@ class DecodeGroup:
     block_size: int
     window: int | None = None
     key_starts: torch.Tensor | None = None  # [size] position of each row's first gathered key; None: all 0
+    num_tokens: torch.Tensor | None = None  # [size] tokens each row has computed, its own included; None: context_lens
     _mask: torch.Tensor | None = field(default=None, repr=False)
 
     @property

@@ -120,7 +120,8 @@ def _decode_groups(decodes: list[ScheduledTokens], group: int, window: int | Non
         flat = torch.tensor([b for i in rows for b in tables[i] + [0] * (width - len(tables[i]))], dtype=torch.long, device=device)
         pos = torch.tensor([decodes[i].slot_start for i in rows], dtype=torch.long, device=device)
         key_starts = None if window is None else torch.tensor([firsts[i] * block_size for i in rows], dtype=torch.long, device=device)
-        groups.append(DecodeGroup(start, flat, pos + 1, pos, block_size, window, key_starts))
+        tokens = torch.tensor([decodes[i].start + 1 for i in rows], dtype=torch.long, device=device)
+        groups.append(DecodeGroup(start, flat, pos + 1, pos, block_size, window, key_starts, tokens))
         start += size
     return groups
 

@@ -73,7 +73,7 @@ class AttentionStorage(GroupStorage):
 
     def layer_caches(self) -> list[LayerCache]:
         return [LayerCache(self.k.home[i], self.v.home[i], None if self.stats is None else self.stats.home[i],
-                           None if self.summary is None else self.summary.home[i]) for i in range(self.k.home.shape[0])]
+                           None if self.summary is None else self.summary.home[i], i) for i in range(self.k.home.shape[0])]
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for p in self.pools for t in (p.home, p.swap)]

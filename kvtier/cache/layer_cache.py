@@ -11,12 +11,14 @@ class LayerCache(NamedTuple):
     """K and V [kv_heads, slots, head_dim], and what the engine's KV method keeps beside them: ``slot_stats``
     [kv_heads, slots] fp32 (one number per token, H2O's accumulated attention) and ``block_summary``
     [kv_heads, blocks, 2, head_dim] (each block's elementwise min and max of its keys, Quest's). Both move with their
-    tokens' K and V (copy-on-write, swap, compaction)."""
+    tokens' K and V (copy-on-write, swap, compaction). ``index``: the layer's place among its group's layers, the
+    numbering of a KV method's ``PromptCache`` and ``DecodeCache``."""
 
     k: torch.Tensor
     v: torch.Tensor
     slot_stats: torch.Tensor | None = None
     block_summary: torch.Tensor | None = None
+    index: int = 0
 
 
 def summarize_blocks(k: torch.Tensor, summary: torch.Tensor, slots: torch.Tensor) -> None:

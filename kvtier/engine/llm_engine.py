@@ -121,6 +121,8 @@ class LLMEngine:
         cache is not the sequence's tokens slot by slot)."""
         method = build_method(self.args.kv_method, self.args.kv_method_config)
         cfg = self.model_config
+        if method is not None:
+            method.check_engine(self.args.block_size)
         if method is not None and (cfg.mamba_layers or cfg.mlp_layers or any(w is not None for w in cfg.sliding_windows)):
             raise InvalidArgumentError("kv_method", f"{method.name} needs a model whose layers are all full attention; {cfg.architecture} "
                                        "has sliding-window, Mamba2 or MLP-only layers")
@@ -218,15 +220,15 @@ class LLMEngine:
             if not c.seq.num_evicted:  # a compressed cache is no prefix of anything: never offered to others
                 self.kv.cache_computed(c.seq.seq_id, c.seq.token_ids, c.seq.num_computed_tokens)
             if c.num_tokens == 1:
-                self.counters["kv_bytes_read"] += self._decode_bytes_read(c.seq.num_cached_slots)
+                self.counters["kv_bytes_read"] += self._decode_bytes_read(c.seq.num_cached_slots, c.seq.num_computed_tokens)
             self.checkpoints.after_chunk(c.request, c.seq, c.start)
             self.compression.after_chunk(c.seq, logits.queries.get(c.seq.seq_id))
         if plan.to_sample:
             self._sample(plan.to_sample, logits.last)
         return self._finish_and_emit(plan)
 
-    def _decode_bytes_read(self, num_slots: int) -> int:
-        """The K/V bytes one decode token's attention reads from a cache of ``num_slots`` tokens: every slot's K and V (a
+    def _decode_bytes_read(self, num_slots: int, num_tokens: int) -> int:
+        """The K/V bytes one decode token's attention reads from a cache of ``num_slots`` of its ``num_tokens``: every slot's K and V (a
         sliding window's last ones), or in the KV method's layers the K and V rows it says it reads."""
         total = 0
         cfg, method = self.model_config, self.compression.method
@@ -234,7 +236,7 @@ class LLMEngine:
             spec = g.group.spec
             if spec.bytes_per_token:  # a Mamba2 state is read whole whatever the length: not K/V
                 rows = num_slots if spec.sliding_window is None else min(num_slots, spec.sliding_window)
-                k_rows, v_rows = (method.rows_read(rows, spec.block_size, cfg.num_attention_heads // cfg.num_key_value_heads)
+                k_rows, v_rows = (method.rows_read(rows, num_tokens, spec.block_size, cfg.num_attention_heads // cfg.num_key_value_heads)
                                   if method is not None and spec.kv_method else (rows, rows))
                 total += (k_rows + v_rows) * spec.row_bytes * len(g.group.layers)
         return total

@@ -209,11 +209,24 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_private_generate(ns: argparse.Namespace) -> int:
+    from kvtier.mpc.private_generate import private_generate
+
+    out = private_generate(ns.model, ns.prompt, max_tokens=ns.max_tokens, kv_method=ns.kv_method, kv_method_config=ns.kv_method_config,
+                           protocol=ns.protocol)
+    print(out.text)
+    for p in out.programs:
+        lan, wan = p["latency_s"]["LAN"], p["latency_s"]["WAN"]
+        print(f"# {p['program']}: {p['bytes'] / 1e6:.1f} MB, {p['rounds']} rounds; LAN {lan:.2f} s, WAN {wan:.1f} s (communication only)",
+              file=sys.stderr)
+    return 0
+
+
 def cmd_eval(ns: argparse.Namespace) -> int:
     kw = engine_kwargs(ns)
     method, config = kw.pop("kv_method"), kw.pop("kv_method_config")
     result = run_eval(ns.model, method, config, ns.budget or (), ns.task, ns.context, ns.trials, ns.sample_seed, ns.haystack, ns.protocol,
-                      ns.phrasing, **kw)
+                      ns.phrasing, ns.variant or (), **kw)
     table = markdown_table(result)
     print(table)
     if ns.json_out:
@@ -287,12 +300,24 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: each task's own)")
     ev.add_argument("--protocol", choices=PROTOCOLS, default="query-agnostic",
                     help="the question after compression, through decode (query-agnostic), or in the prompt before it (query-aware)")
+    ev.add_argument("--variant", action="append", default=None, metavar="JSON",
+                    help="an ablation run beside the method at each budget: config keys laid over --kv-method-config "
+                         "(repeatable; '{}' keeps the plain config among them), e.g. '{\"hierarchy\": false}'")
     ev.add_argument("--sample-seed", type=int, default=0, help="seed of the samples and text windows (--seed seeds the engine)")
     ev.add_argument("--json-out", default=None)
     ev.add_argument("--markdown-out", default=None)
     ev.add_argument("--plot-out", default=None, help="a PNG of score against budget, a panel per task and context (needs matplotlib)")
     add_engine_flags(ev)
     ev.set_defaults(func=cmd_eval)
+    pg = sub.add_parser("private-generate", help="greedy generation under secure multi-party computation (SecretFlow SPU): weights, "
+                        "prompt and KV cache secret-shared, only the tokens revealed; needs the MPC environment (scripts/setup_mpc.sh)")
+    pg.add_argument("--model", default="kvtier-tiny")
+    pg.add_argument("--prompt", required=True)
+    pg.add_argument("--max-tokens", type=int, default=8)
+    pg.add_argument("--kv-method", choices=["none", "mpcache"], default="none")
+    pg.add_argument("--kv-method-config", default=None, help="MPCache's config as JSON, e.g. '{\"budget\": 0.12}'")
+    pg.add_argument("--protocol", choices=["semi2k", "cheetah", "aby3"], default="semi2k", help="2PC: semi2k, cheetah; 3PC: aby3")
+    pg.set_defaults(func=cmd_private_generate)
     mk = sub.add_parser("make-checkpoint", help="write a random-weight Llama HF checkpoint folder")
     mk.add_argument("path")
     for name, p in _builder_options().items():

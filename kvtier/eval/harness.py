@@ -12,6 +12,7 @@ run, and a row where it scores below 50% is marked: a method cannot be judged wh
 from __future__ import annotations
 
 import gc
+import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
@@ -53,9 +54,10 @@ class EvalCell:
 
 def check_eval_args(kv_method: str | Sequence[str], kv_method_config: dict | str | None, budgets: Sequence[float | int], tasks: Sequence[str],
                     contexts: Sequence[int], trials: int, haystack: str, protocol: str = "query-agnostic",
-                    phrasing: str | None = None) -> list[tuple[str, dict] | None]:
+                    phrasing: str | None = None, variants: Sequence[dict] = ()) -> list[tuple[str, dict] | None]:
     """Every run's method and config (None: the full cache, always first), checked before anything is loaded; a bad value
-    names its flag. Several methods share the budgets and the config."""
+    names its flag. Several methods share the budgets and the config; each of ``variants`` (ablations: keys laid over
+    the config) adds a run per method and budget."""
     for t in tasks:
         if t not in EVAL_TASKS:
             raise InvalidArgumentError("task", f"must be among {', '.join(EVAL_TASKS)}; got {t!r}")
@@ -81,29 +83,52 @@ def check_eval_args(kv_method: str | Sequence[str], kv_method_config: dict | str
     runs: list[tuple[str, dict] | None] = [None]
     for method in methods:
         for b in budgets or [config.get("budget", 1.0)]:
-            run = {**config, "budget": b}
-            try:
-                build_method(method, run)
-            except InvalidArgumentError as e:
-                raise InvalidArgumentError("budget" if e.field == "kv_method_config.budget" else e.field, e.message) from None
-            runs.append((method, run))
+            for variant in [parse_variant(v) for v in variants] or [{}]:
+                run = {**config, **variant, "budget": b}
+                try:
+                    build_method(method, run)
+                except InvalidArgumentError as e:
+                    raise InvalidArgumentError("budget" if e.field == "kv_method_config.budget" else e.field, e.message) from None
+                runs.append((method, run))
     return runs
+
+
+def parse_variant(variant: dict | str) -> dict:
+    """An ablation's config keys, from a dict or the CLI's JSON object; the budget is the grid's, not a variant's."""
+    try:
+        parsed = json.loads(variant) if isinstance(variant, str) else variant
+    except json.JSONDecodeError as e:
+        raise InvalidArgumentError("variant", f"must be a JSON object, got {variant!r} ({e.msg})") from None
+    if not isinstance(parsed, dict) or "budget" in parsed:
+        raise InvalidArgumentError("variant", f"must be a JSON object of config keys other than budget (--budget sets it; {{}} runs the "
+                                   f"config as it is), got {variant!r}")
+    return parsed
+
+
+def run_name(method: str, config: dict, base: dict) -> str:
+    """A run's column: the method, the keys it sets beyond the shared config (an ablation's), and its budget last, so
+    that plots draw one line per method and ablation."""
+    extra = ", ".join(f"{k}={json.dumps(v)}" for k, v in config.items() if k != "budget" and base.get(k, None) != v)
+    return f"{method} ({extra}) @ {config['budget']}" if extra else f"{method} @ {config['budget']}"
 
 
 def run_eval(model: str, kv_method: str | Sequence[str] = NONE, kv_method_config: dict | str | None = None, budgets: Sequence[float | int] = (),
              tasks: Sequence[str] = ("passkey",), contexts: Sequence[int] = (2048,), trials: int = 20, sample_seed: int = 0,
-             haystack: str = "noise", protocol: str = "query-agnostic", phrasing: str | None = None, **engine_kwargs) -> dict:
+             haystack: str = "noise", protocol: str = "query-agnostic", phrasing: str | None = None, variants: Sequence[dict] = (),
+             **engine_kwargs) -> dict:
     """The grid as a JSON-able dict: each run (the full cache, then each method at each budget) loads the engine once.
     ``protocol``: the question after compression (``query-agnostic``) or inside the compressed prompt (``query-aware``).
     ``phrasing``: how passkey and multi-key needles are worded (``kvtier.eval.retrieval.PHRASINGS``; the held-out ones,
-    ``access-code`` and ``secret-number``, were in no training document); None: each task's default."""
-    runs = check_eval_args(kv_method, kv_method_config, budgets, tasks, contexts, trials, haystack, protocol, phrasing)
+    ``access-code`` and ``secret-number``, were in no training document); None: each task's default. ``variants``:
+    ablations, each a dict of config keys run beside the shared config and named in its column."""
+    runs = check_eval_args(kv_method, kv_method_config, budgets, tasks, contexts, trials, haystack, protocol, phrasing, variants)
+    base = parse_config(kv_method_config)
     cells: list[EvalCell] = []
     reference: dict[int, list] = {}  # context -> the full cache's greedy continuations (the full cache runs first)
     bar = tqdm(total=len(runs) * len(tasks) * len(contexts), desc="kvtier eval", unit="cell")
     for run in runs:
         method, config = run or (NONE, None)
-        name = FULL if run is None else f"{method} @ {config['budget']}"
+        name = FULL if run is None else run_name(method, config, base)
         llm = LLM(model, kv_method=method, kv_method_config=config, **engine_kwargs)
         room = llm.engine.max_model_len - MIN_CONTEXT  # the answer (or perplexity's scored tokens) comes after the context
         if max(contexts) > room:
@@ -131,7 +156,7 @@ def run_eval(model: str, kv_method: str | Sequence[str] = NONE, kv_method_config
         del llm
         gc.collect()
     bar.close()
-    return {"machine": machine_line(), "model": model, "kv_method": kv_method, "kv_method_config": parse_config(kv_method_config),
+    return {"machine": machine_line(), "model": model, "kv_method": kv_method, "kv_method_config": base, "variants": [parse_variant(v) for v in variants],
             "haystack": haystack, "phrasing": phrasing, "trials": trials, "sample_seed": sample_seed, "protocol": protocol,
             "cells": [asdict(c) for c in cells]}
 

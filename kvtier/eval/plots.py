@@ -25,7 +25,7 @@ def plot_scores(results: list[dict], path: str | Path) -> Path:
     cells = [c for r in results for c in r["cells"]]
     tasks = list(dict.fromkeys(c["task"] for c in cells))
     contexts = list(dict.fromkeys(c["context_tokens"] for c in cells))
-    fig, axes = plt.subplots(len(tasks), len(contexts), figsize=(4 * len(contexts), 3.2 * len(tasks)), squeeze=False)
+    fig, axes = plt.subplots(len(tasks), len(contexts), figsize=(6.5 * len(contexts), 3.2 * len(tasks)), squeeze=False)
     for ax, (task, context) in zip(axes.flat, [(t, n) for t in tasks for n in contexts]):
         here = [c for c in cells if (c["task"], c["context_tokens"]) == (task, context)]
         if not here:
@@ -39,12 +39,12 @@ def plot_scores(results: list[dict], path: str | Path) -> Path:
             if c["method"] != FULL:
                 name, budget = c["method"].rsplit(" @ ", 1)
                 lines.setdefault(name, []).append((float(budget), c[value]))
-        for name, points in lines.items():
-            ax.plot(*zip(*sorted(points)), marker="o", label=name)
+        for i, (name, points) in enumerate(lines.items()):  # past ten lines the colours repeat: dotted then
+            ax.plot(*zip(*sorted(points)), marker="o", color=f"C{i % 10}", linestyle="-" if i < 10 else ":", label=name)
         ax.set(title=f"{task}, {context} tokens", xlabel="budget (kept)", ylabel=YLABELS.get(task, "accuracy"))
         if task != PERPLEXITY:
             ax.set_ylim(-0.02, 1.02)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the panel, never over the lines
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -7,7 +7,7 @@ scores and chooses:
 
 - ``after_prefill``: once the prompt is in the cache, the positions each layer and KV head keeps (StreamingLLM,
   SnapKV, H2O);
-- ``select_blocks``: inside each decode step's attention, the blocks each KV head reads (Quest);
+- ``select_blocks``: inside each decode step's attention, the blocks each KV head reads (Quest, MPCache);
 - ``observe_decode``: inside each decode step's attention, the probabilities each cache slot received (H2O);
 - ``read_values``: inside each decode step's attention, the output from the probabilities, reading only the V rows it
   chooses (KCache);
@@ -139,8 +139,12 @@ class KVMethod:
         ascending; None keeps them all."""
         return None
 
-    def rows_read(self, num_slots: int, block_size: int, group_size: int) -> tuple[int, int]:
-        """(K rows, V rows) one decode query reads per layer and KV head from a cache of ``num_slots``, ``group_size`` query
+    def check_engine(self, block_size: int) -> None:
+        """Raise InvalidArgumentError if the method cannot run on an engine with this ``block_size``."""
+
+    def rows_read(self, num_slots: int, num_tokens: int, block_size: int, group_size: int) -> tuple[int, int]:
+        """(K rows, V rows) one decode query reads per layer and KV head from a cache of ``num_slots`` (of the ``num_tokens``
+        it has computed), ``group_size`` query
         heads sharing the KV head (what the method reads beside them counted in K rows): a step's memory traffic."""
         return num_slots, num_slots
 

@@ -93,6 +93,6 @@ class KCache(KVMethod):
         v = flat.index_select(0, picked.flatten().to(flat.device)).to(probs.device).view(*picked.shape, -1)  # from the host tier
         return (p.unsqueeze(-2) @ v.float()).squeeze(-2)  # [rows, kv_heads, group, 1, n] @ [rows, kv_heads, 1 or group, n, D]
 
-    def rows_read(self, num_slots: int, block_size: int, group_size: int) -> tuple[int, int]:
+    def rows_read(self, num_slots: int, num_tokens: int, block_size: int, group_size: int) -> tuple[int, int]:
         kept = self.config.kept(num_slots)
         return num_slots, num_slots if kept >= num_slots else kept * (1 if self.config.per_kv_head else group_size)

@@ -53,7 +53,7 @@ class Quest(KVMethod):
         visible = (positions < group.context_lens[None, :, None]) & ranked[None]
         return BlockSelection(ids.flatten(1), visible[:, :, None, :])
 
-    def rows_read(self, num_slots: int, block_size: int, group_size: int) -> tuple[int, int]:
+    def rows_read(self, num_slots: int, num_tokens: int, block_size: int, group_size: int) -> tuple[int, int]:
         blocks = blocks_needed(num_slots, block_size)
         chosen = min(blocks, self._blocks(num_slots, block_size)) * block_size
         return chosen + 2 * blocks, chosen  # each block's min and max are a K row each

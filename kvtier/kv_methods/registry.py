@@ -9,12 +9,13 @@ from kvtier.errors import InvalidArgumentError
 from kvtier.kv_methods.base import KVMethod
 from kvtier.kv_methods.h2o import H2O
 from kvtier.kv_methods.kcache import KCache
+from kvtier.kv_methods.mpcache import MPCache
 from kvtier.kv_methods.quest import Quest
 from kvtier.kv_methods.snapkv import SnapKV
 from kvtier.kv_methods.streaming_llm import StreamingLLM
 
 NONE = "none"  # the full cache: no method object, nothing to pay
-KV_METHODS: dict[str, type[KVMethod]] = {m.name: m for m in (StreamingLLM, H2O, SnapKV, Quest, KCache)}
+KV_METHODS: dict[str, type[KVMethod]] = {m.name: m for m in (StreamingLLM, H2O, SnapKV, Quest, KCache, MPCache)}
 
 
 def parse_config(config: dict | str | None) -> dict:

@@ -10,7 +10,7 @@ import torch
 
 from kvtier.errors import InvalidArgumentError
 from kvtier.eval.agreement import agreement
-from kvtier.eval.harness import FULL, check_eval_args, markdown_table, run_eval
+from kvtier.eval.harness import FULL, check_eval_args, markdown_table, run_eval, run_name
 
 
 def test_streamingllm_fails_where_it_evicted_the_needle_and_nowhere_else():
@@ -131,7 +131,7 @@ def test_the_plot_has_a_panel_per_task_and_context(tmp_path):
                           cell(FULL, "multikey", 512, 0.9), cell("streamingllm @ 0.25", "multikey", 512, 0.3)]}]
     path = plot_scores(results, tmp_path / "scores.png")
     with Image.open(path) as img:
-        assert img.format == "PNG" and img.size == (4 * 110, int(2 * 3.2 * 110))  # a row per task, a column per context
+        assert img.format == "PNG" and img.size == (int(6.5 * 110), int(2 * 3.2 * 110))  # a row per task, a column per context (legend beside)
 
 
 def test_perplexity_gets_its_own_axis_in_the_plot(tmp_path, monkeypatch):
@@ -158,6 +158,22 @@ def test_several_methods_share_one_full_cache_run():
     with pytest.raises(InvalidArgumentError) as e:
         check_eval_args(["streamingllm", "nope"], None, [0.25], ["passkey"], [512], 2, "noise")
     assert e.value.field == "kv_method"
+
+
+def test_variants_add_an_ablation_run_per_method_and_budget_named_by_what_they_change():
+    runs = check_eval_args("kcache", '{"renormalize": false}', [0.25, 64], ["passkey"], [512], 2, "noise", variants=[{}, '{"dense_layers": 1}'])
+    base = {"renormalize": False}
+    assert runs == [None, ("kcache", {**base, "budget": 0.25}), ("kcache", {**base, "dense_layers": 1, "budget": 0.25}),
+                    ("kcache", {**base, "budget": 64}), ("kcache", {**base, "dense_layers": 1, "budget": 64})]
+    assert run_name("kcache", {"budget": 64, "dense_layers": 2, "renormalize": False}, {}) == "kcache (dense_layers=2, renormalize=false) @ 64"
+    assert run_name("kcache", {"budget": 64, "dense_layers": 2}, {"dense_layers": 2}) == "kcache @ 64"
+    for bad in ('{"budget": 0.5}', "[1]", "{nope"):
+        with pytest.raises(InvalidArgumentError) as e:
+            check_eval_args("kcache", None, [64], ["passkey"], [512], 2, "noise", variants=[bad])
+        assert e.value.field == "variant"
+    with pytest.raises(InvalidArgumentError) as e:
+        check_eval_args("kcache", None, [64], ["passkey"], [512], 2, "noise", variants=[{"dense_layers": -1}])
+    assert e.value.field == "kv_method_config.dense_layers"
 
 
 def test_a_phrasing_words_the_needle_tasks_only(monkeypatch):

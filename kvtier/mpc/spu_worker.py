@@ -1,0 +1,204 @@
+"""The MPC side of kvtier's private decoding: runs in the MPC environment (made by scripts/setup_mpc.sh), started by
+kvtier.mpc.driver in a subprocess with a job file, and answers with a result file. Every party of the protocol runs in
+its own thread over SPU's in-memory links; each one profiles its own traffic, and the cost of a program is read from
+those counters (kvtier.mpc.profile_log), never from formulas.
+
+    python spu_worker.py JOB.json     # writes the paths in the job's "result" and "outputs"
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))  # the sibling modules, without kvtier's package (it needs torch)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import spu.libspu as libspu  # noqa: E402
+import spu.utils.frontend as spu_fe  # noqa: E402
+from profile_log import Cost, parse_profile  # noqa: E402
+from spu import api as spu_api  # noqa: E402
+from spu_generate import generate_job  # noqa: E402
+from spu_programs import Bound, Plan, attention, attention_stages, gather, mpcache_attention, mpcache_stages, select  # noqa: E402
+
+PROTOCOLS = {"semi2k": (libspu.ProtocolKind.SEMI2K, 2), "cheetah": (libspu.ProtocolKind.CHEETAH, 2), "aby3": (libspu.ProtocolKind.ABY3, 3)}
+LIBC = ctypes.CDLL(None)
+# SPU's exp is (1 + x / 2^n)^(2^n): its default n = 8 is 3% off at exp(-4), which moves a long context's attention output
+# by 1%; n = 12 is 0.2% off, and needs 22 fraction bits to keep x / 2^n precise near 0 (18 bits: 1% off there).
+FRACTION_BITS = 22
+EXP_ITERS = 12
+
+
+@dataclass
+class Secret:
+    """A secret-shared value held by the parties: one share per party, and its shape and dtype (for compiling)."""
+
+    shares: list
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+class Parties:
+    """A protocol's parties, one thread and one persistent SPU runtime each, every one profiling its own link. Values
+    stay secret-shared between programs; only what the caller reveals is reconstructed."""
+
+    def __init__(self, protocol: str, fraction_bits: int = FRACTION_BITS) -> None:
+        kind, self.size = PROTOCOLS[protocol]
+        self.config = libspu.RuntimeConfig(protocol=kind, field=libspu.FieldType.FM64, fxp_fraction_bits=fraction_bits)
+        self.config.fxp_exp_iters = EXP_ITERS
+        self.config.enable_hal_profile = True
+        self.config.enable_pphlo_profile = True
+        self.io = spu_api.Io(self.size, self.config)
+        desc = libspu.link.Desc()
+        for rank in range(self.size):
+            desc.add_party(f"id_{rank}", f"thread_{rank}")
+        self.runtimes: list = [None] * self.size
+        self._each(lambda rank: self.runtimes.__setitem__(rank, spu_api.Runtime(libspu.link.create_mem(desc, rank),
+                                                                                  libspu.RuntimeConfig(self.config))))
+        self.programs = 0
+
+    def _each(self, work) -> None:
+        errors: list[BaseException] = []
+
+        def party(rank: int) -> None:
+            try:
+                work(rank)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=party, args=(rank,)) for rank in range(self.size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+
+    def share(self, value: np.ndarray) -> Secret:
+        value = np.asarray(value)
+        return Secret(self.io.make_shares(value, libspu.Visibility.VIS_SECRET), value.shape, value.dtype)
+
+    def reveal(self, value: Secret) -> np.ndarray:
+        return self.io.reconstruct(list(value.shares))
+
+    def run(self, fn, args: list) -> tuple[list[Secret], Cost, float]:
+        """``fn`` on ``args`` (secrets, or arrays the caller shares first): its outputs, still shared, what the run cost
+        by SPU's counters, and its seconds."""
+        args = [a if isinstance(a, Secret) else self.share(a) for a in args]
+        self.programs += 1
+        names = [f"p{self.programs}_in{i}" for i in range(len(args))]
+        examples = [np.zeros(a.shape, a.dtype) for a in args]
+        executable, _ = spu_fe.compile(spu_fe.Kind.JAX, fn, examples, {}, names, [libspu.Visibility.VIS_SECRET] * len(args),
+                                       lambda outs: [f"p{self.programs}_out{i}" for i in range(len(outs))])
+        results: list = [None] * self.size
+
+        def party(rank: int) -> None:
+            rt = self.runtimes[rank]
+            for name, a in zip(names, args):
+                rt.set_var(name, a.shares[rank])
+            rt.run(executable)
+            results[rank] = [rt.get_var(n) for n in executable.output_names]
+            for name in [*names, *executable.output_names]:
+                rt.del_var(name)
+
+        with tempfile.TemporaryFile(mode="w+") as log:
+            started = time.perf_counter()
+            saved = os.dup(1)
+            sys.stdout.flush()
+            os.dup2(log.fileno(), 1)  # SPU's C++ logger writes the profile to file descriptor 1
+            try:
+                self._each(party)
+            finally:
+                LIBC.fflush(None)
+                os.dup2(saved, 1)
+                os.close(saved)
+            seconds = time.perf_counter() - started
+            log.seek(0)
+            text = log.read()
+        shapes = jax.tree_util.tree_leaves(jax.eval_shape(fn, *examples))
+        outs = [Secret(list(parts), tuple(sd.shape), np.dtype(sd.dtype)) for parts, sd in zip(zip(*results), shapes)]
+        return outs, parse_profile(text, self.size), seconds
+
+
+def run_stages(parties: Parties, stages, values: dict[str, np.ndarray]) -> dict[str, dict]:
+    """Each stage as its own program on secret inputs; costs summed per operator class."""
+    costs: dict[str, dict] = {}
+    for stage in stages:
+        outs, cost, seconds = parties.run(stage.fn, [values[n] for n in stage.inputs])
+        values.update(zip(stage.outputs, outs))  # still secret: the next operator reads the shares
+        mine = costs.setdefault(stage.name, {"bytes": 0, "rounds": 0, "seconds": 0.0})
+        mine["bytes"] += cost.bytes
+        mine["rounds"] += cost.rounds
+        mine["seconds"] += seconds
+    return costs
+
+
+def plan_of(params: dict) -> Plan:
+    """A job's MPCache parameters (kvtier's public counts) as the programs' plan."""
+    return Plan(params["keep1"], params["keep2"], params["size"], params["per"], Bound(params.get("bound", "linear"), params.get("alpha", 0.6)),
+                params["hierarchy"])
+
+
+def attention_job(parties: Parties, job: dict, arrays: dict[str, np.ndarray]) -> tuple[dict, dict[str, np.ndarray]]:
+    """One layer's attention for one decode query, full-cache or MPCache: the fused program's outputs and cost (for
+    MPCache also the cost of a layer that shares the selection: gather and attention), and with ``breakdown`` the cost
+    of each operator run on its own (attribution: programs cut apart cost more than the fused one, which is what a
+    step runs)."""
+    p = job["params"]
+    scale, kind = p["scale"], job["kind"]
+    q, k, v = arrays["q"], arrays["k"], arrays["v"]
+    extra: dict = {}
+    if kind == "full":
+        (out,), cost, seconds = parties.run(lambda q, k, v: attention(q, k, v, scale), [q, k, v])
+        outputs = {"out": parties.reveal(out)}
+        stages = attention_stages(scale)
+    else:
+        plan = plan_of(p)
+        bounds = [arrays[n] for n in ("lo1", "hi1", "lo2", "hi2")]
+        (out, index), cost, seconds = parties.run(lambda q, k, v, *b: mpcache_attention(q, k, v, *b, scale, plan), [q, k, v, *bounds])
+        outputs = {"out": parties.reveal(out), "index": parties.reveal(index)}
+        stages = mpcache_stages(scale, plan)
+        # a layer that shares its neighbour's selection: the gather and the attention, from the one-hot rows
+        (onehot, _), selecting, _ = parties.run(lambda q, *b: select(q, *b, plan), [q, *bounds])
+        # SPU's top-k runs the KV heads one after another; the selection for one head alone is what heads in parallel
+        # would wait for (MPCache's own top-k forks a context per head)
+        _, one_head, _ = parties.run(lambda q, *b: select(q, *b, plan), [q[:1], *(b[:1] for b in bounds)])
+        extra["select_cost"], extra["select_one_head_cost"] = selecting.as_dict(), one_head.as_dict()
+        _, shared, _ = parties.run(lambda onehot, q, k, v: attention(q, gather(onehot, k, plan.size), gather(onehot, v, plan.size), scale),
+                                   [onehot, q, k, v])
+        extra["shared_cost"] = shared.as_dict()
+    result = {"cost": cost.as_dict(), "seconds": seconds, **extra}
+    if job.get("breakdown"):
+        result["operators"] = run_stages(parties, stages, dict(arrays))
+    return result, outputs
+
+
+def main(argv: list[str]) -> int:
+    job = json.loads(Path(argv[0]).read_text())
+    arrays = dict(np.load(job["inputs"])) if job.get("inputs") else {}
+    results, outputs = [], {}
+    for i, task in enumerate(job["tasks"]):
+        parties = Parties(task["protocol"], task.get("fraction_bits", FRACTION_BITS))
+        if task.get("random"):  # cost needs no trained weights: random inputs of the given shapes
+            rng = np.random.default_rng(task.get("seed", 0))
+            task_arrays = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in task["random"].items()}
+        else:
+            task_arrays = {name: arrays[f"{task['prefix']}{name}"] for name in task["names"]}
+        result, outs = (generate_job if task["kind"] == "generate" else attention_job)(parties, task, task_arrays)
+        results.append({**{k: task[k] for k in ("protocol", "kind", "label") if k in task}, **result})
+        outputs.update({f"{i}/{name}": value for name, value in outs.items()})
+        Path(job["result"]).write_text(json.dumps(results, indent=1))  # what finished survives a later failure
+    np.savez(job["outputs"], **outputs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
