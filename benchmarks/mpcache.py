@@ -167,7 +167,7 @@ def plot_mpc(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (bytes_ax, lan_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (bytes_ax, lan_ax) = plt.subplots(1, 2, figsize=(15, 4.5))
     setups = list(dict.fromkeys((r["model"], r["protocol"]) for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))  # "full" first
     for key in dict.fromkeys((r["model"], r["protocol"], r["method"]) for r in rows):
@@ -180,7 +180,7 @@ def plot_mpc(rows: list[dict], path: Path) -> None:
         ax.set(xscale="log", yscale="log", xlabel="context tokens", title=title)
         ax.set_xticks(sorted({r["context"] for r in rows}), [str(c) for c in sorted({r["context"] for r in rows})])
         ax.tick_params(axis="x", which="minor", labelbottom=False)
-    lan_ax.legend(fontsize=7)
+    lan_ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
