@@ -218,7 +218,7 @@ def mpc_report(rows: list[dict]) -> list[str]:
 
 
 def report(result: dict) -> str:
-    lines = [f"MPCache (plaintext) on {result['model']} (fp32); {result['machine']}", ""]
+    lines = [f"MPCache on {result['model']} (fp32 in the engine; SPU's fixed point in private decoding); {result['machine']}", ""]
     lines += eval_sections(result, "Accuracy against the KV budget")
     if "overlap" in result:
         o = result["overlap"]
