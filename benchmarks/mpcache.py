@@ -30,7 +30,7 @@ from report_io import eval_sections, write_report
 
 from kvtier import LLM, SamplingParams
 from kvtier.eval.agreement import text_windows
-from kvtier.eval.harness import run_eval
+from kvtier.eval.harness import parse_variant, run_eval
 from kvtier.eval.plots import plot_scores
 from kvtier.kv_methods.mpcache import MPCache, MPCacheConfig
 from kvtier.machine import machine_line
@@ -241,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     p.add_argument("--budgets", nargs="+", type=float, default=[0.03, 0.06, 0.12, 0.25])
     p.add_argument("--ablation-budgets", nargs="+", type=float, default=[0.06, 0.12])
+    p.add_argument("--variants", nargs="+", type=parse_variant, default=list(ABLATIONS), help="the ablation section's configs, JSON objects "
+                   "('{}': the paper's defaults)")
     p.add_argument("--baselines", nargs="+", default=list(BASELINES))
     p.add_argument("--tasks", nargs="+", default=["passkey", "multikey"])
     p.add_argument("--contexts", nargs="+", type=int, default=[2048])
@@ -263,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     if "accuracy" in args.sections:
         result["accuracy"] = run_eval(args.model, ["mpcache", *args.baselines], None, args.budgets, **grid)
     if "ablation" in args.sections:
-        result["ablation"] = run_eval(args.model, "mpcache", None, args.ablation_budgets, variants=ABLATIONS, **grid)
+        result["ablation"] = run_eval(args.model, "mpcache", None, args.ablation_budgets, variants=args.variants, **grid)
     if "overlap" in args.sections:
         result["overlap"] = {"budget": args.overlap_budget, "context": 2048, "windows": 4, "steps": 32,
                              "rows": overlap(args.model, args.overlap_budget, 2048, 4, 32)}
