@@ -7,6 +7,8 @@
   reading the same number of V rows per KV head;
 - ablation: the same samples at N = ``--equal-cost`` with probabilities truncated, per-KV-head Top-N, and the first one
   or two layers dense;
+- dense: KCache (per query head and per KV head) and Quest at that N with their first ``--dense-layers`` layers dense, as
+  Quest's own evaluation runs (H2O evicts in every layer, so its accuracy section's figure stands);
 - memory: device and host bytes per token, and the largest batch a fixed device budget holds at 1K, 2K and 4K;
 - throughput: decode tokens/s vs context under that budget, the full cache and KCache each at their largest batch.
 
@@ -30,12 +32,12 @@ from sliding_window import peak_decoding, random_prompts
 from kvtier import LLM, SamplingParams
 from kvtier.cache.specs import blocks_needed
 from kvtier.eval.agreement import text_windows
-from kvtier.eval.harness import run_eval
+from kvtier.eval.harness import markdown_table, run_eval
 from kvtier.machine import machine_line
 from kvtier.models.checkpoint_builder import build_random_checkpoint
 from kvtier.sampling.logits_processors import RecordLogits
 
-SECTIONS = ("exactness", "error", "accuracy", "ablation", "memory", "throughput")
+SECTIONS = ("exactness", "error", "accuracy", "ablation", "dense", "memory", "throughput")
 ABLATIONS = ({}, {"renormalize": False}, {"per_kv_head": True}, {"dense_layers": 1}, {"dense_layers": 2})
 
 
@@ -175,6 +177,8 @@ def report(result: dict) -> str:
                                                   f"{cells[layer]['rel_err_truncated']:.3f}" for layer in layers) + " |")
         lines.append("")
     lines += eval_sections(result)
+    if "dense" in result:
+        lines += [f"KCache and Quest with their first {result['dense_layers']} layers dense (`kvtier eval`):", "", markdown_table(result["dense"]), ""]
     if "memory" in result:
         mem = result["memory"]
         lines += ["Bytes per token (all layers, engine accounting):", "", "| cache | device | host tier | device / full |", "| --- | --- | --- | --- |"]
@@ -232,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ns", nargs="+", type=int, default=[8, 16, 32, 64, 128, 256, 512])
     p.add_argument("--eval-ns", nargs="+", type=int, default=[16, 32, 64, 128], help="KCache's N in the accuracy section")
     p.add_argument("--equal-cost", type=int, default=64, help="the V rows per KV head Quest and H2O read beside KCache")
+    p.add_argument("--dense-layers", type=int, default=2, help="the dense section's dense layers (Quest's evaluation keeps 2)")
     p.add_argument("--tasks", nargs="+", default=["passkey", "multikey"])
     p.add_argument("--contexts", nargs="+", type=int, default=[1024, 2048, 4000])
     p.add_argument("--trials", type=int, default=200)
@@ -262,6 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     if "ablation" in args.sections:
         result["ablation"] = run_eval(args.model, "kcache", None, [args.equal_cost], args.tasks, args.contexts, args.trials, haystack=args.haystack,
                                       variants=ABLATIONS, dtype="float32")
+    if "dense" in args.sections:
+        dense = {"dense_layers": args.dense_layers}
+        grid = run_eval(args.model, "kcache", dense, [args.equal_cost], args.tasks, args.contexts, args.trials, haystack=args.haystack,
+                        variants=({}, {"per_kv_head": True}), dtype="float32")
+        quest = run_eval(args.model, "quest", dense, [args.equal_cost], args.tasks, args.contexts, args.trials, haystack=args.haystack, dtype="float32")
+        grid["cells"] += [c for c in quest["cells"] if c["method"] != "full cache"]
+        grid["kv_method"] = ["kcache", "quest"]
+        result["dense"], result["dense_layers"] = grid, args.dense_layers
     if "memory" in args.sections:
         result["memory"] = memory(args.model, [1024, 2048, 4096], args.full_seqs)
     if "throughput" in args.sections:

@@ -52,6 +52,26 @@ class KVMethodConfig:
         return min(context, int(self.budget))
 
 
+@dataclass(frozen=True)
+class DenseLayersConfig(KVMethodConfig):
+    """``dense_layers``: how many of the model's first layers keep and read their whole cache, the method acting in the
+    rest (Quest's evaluation leaves its first two layers dense, ArkVale's ``n_unlimited_layers`` does the same)."""
+
+    dense_layers: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.dense_layers, bool) or not isinstance(self.dense_layers, int) or self.dense_layers < 0:
+            raise InvalidArgumentError("kv_method_config.dense_layers", f"must be a whole number of layers >= 0, got {self.dense_layers!r}")
+
+    def method_layers(self, num_layers: int) -> range:
+        """The layers after the dense ones; at least one must be left."""
+        if self.dense_layers >= num_layers:
+            raise InvalidArgumentError("kv_method_config.dense_layers",
+                                       f"must be in [0, {num_layers - 1}] for a model of {num_layers} layers, got {self.dense_layers}")
+        return range(self.dense_layers, num_layers)
+
+
 ALL_QUERIES = 1 << 62  # a ``KVMethod.window`` that reads every query of the prompt
 
 

@@ -21,16 +21,15 @@ from dataclasses import dataclass
 import torch
 
 from kvtier.errors import InvalidArgumentError
-from kvtier.kv_methods.base import KVMethod, KVMethodConfig
+from kvtier.kv_methods.base import DenseLayersConfig, KVMethod, KVMethodConfig
 
 
 @dataclass(frozen=True)
-class KCacheConfig(KVMethodConfig):
+class KCacheConfig(DenseLayersConfig):
     """``top_n``: V rows each head reads per decode step, a whole number >= 1 or a fraction of the context in (0, 1]
-    (None: ``budget``, its alias). ``dense_layers``: how many of the first layers stay dense."""
+    (None: ``budget``, its alias)."""
 
     top_n: float | int | None = None
-    dense_layers: int = 0
     renormalize: bool = True
     per_kv_head: bool = False
 
@@ -45,8 +44,6 @@ class KCacheConfig(KVMethodConfig):
                 raise InvalidArgumentError("kv_method_config.top_n", e.message) from None
             object.__setattr__(self, "budget", self.top_n)
         super().__post_init__()
-        if isinstance(self.dense_layers, bool) or not isinstance(self.dense_layers, int) or self.dense_layers < 0:
-            raise InvalidArgumentError("kv_method_config.dense_layers", f"must be a whole number of layers >= 0, got {self.dense_layers!r}")
         for name in ("renormalize", "per_kv_head"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidArgumentError(f"kv_method_config.{name}", f"must be true or false, got {getattr(self, name)!r}")
@@ -61,10 +58,7 @@ class KCache(KVMethod):
     config: KCacheConfig
 
     def layers(self, num_layers: int) -> range:
-        dense = self.config.dense_layers
-        if dense >= num_layers:
-            raise InvalidArgumentError("kv_method_config.dense_layers", f"must be in [0, {num_layers - 1}] for a model of {num_layers} layers, got {dense}")
-        return range(dense, num_layers)
+        return self.config.method_layers(num_layers)
 
     def _counts(self, context_lens: torch.Tensor) -> torch.Tensor:
         """The V rows each decode row reads, [rows]: ``config.kept`` of its context."""

@@ -5,7 +5,8 @@ by the largest dot product any key inside those bounds could give it, sum over d
 attention reads only the best blocks: enough to hold ``budget`` tokens (a fraction of the context or a token count),
 the block being written always among them. Quest's pages are the engine's blocks. Under grouped-query attention one
 selection serves a KV head, scored by the highest bound among the query heads that share it (a block matters if any
-of them would attend to it). The paper leaves its first two layers dense; here every layer selects.
+of them would attend to it). The paper leaves its first two layers dense; here ``dense_layers`` says how many (0 by
+default: every layer selects).
 """
 
 from __future__ import annotations
@@ -16,14 +17,18 @@ from kvtier.attention.metadata import BlockSelection, DecodeGroup
 from kvtier.cache.layer_cache import LayerCache
 from kvtier.cache.ops import block_slots
 from kvtier.cache.specs import blocks_needed
-from kvtier.kv_methods.base import KVMethod, KVMethodConfig
+from kvtier.kv_methods.base import DenseLayersConfig, KVMethod
 
 
 class Quest(KVMethod):
     name = "quest"
-    config_class = KVMethodConfig
+    config_class = DenseLayersConfig
     block_summary = True
     decode_hooks = True
+    config: DenseLayersConfig
+
+    def layers(self, num_layers: int) -> range:
+        return self.config.method_layers(num_layers)
 
     def _blocks(self, context: int, block_size: int) -> int:
         """Blocks read by a query with ``context`` tokens before it (its own included)."""

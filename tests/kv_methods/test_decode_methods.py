@@ -114,10 +114,11 @@ def test_h2o_keeps_and_scores_what_a_float64_reference_does(llama_dir, config):
     assert (full - mine).abs().max().item() > 1e-3, "eviction changed nothing: the test could not fail"
 
 
-def quest_attention(budget):
+def quest_attention(budget, dense_layers=0):
     """An eager attention for transformers that decodes as Quest does, written from the paper in float64: per KV head,
     blocks of 16 keys scored by sum_d max(q_d min_d, q_d max_d) (the highest over the group's query heads), the last
-    block always read, the best blocks holding ``budget`` tokens read; a prompt attends causally to everything."""
+    block always read, the best blocks holding ``budget`` tokens read; a prompt, and every query of the first
+    ``dense_layers`` layers, attends causally to everything."""
     cfg = KVMethodConfig(budget=budget)
 
     def attend(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -129,7 +130,7 @@ def quest_attention(budget):
         visible = torch.ones(heads, q_len, n, dtype=torch.bool)
         if q_len > 1:
             visible &= torch.arange(n)[None, :] <= torch.arange(n - q_len, n)[:, None]
-        else:
+        elif module.layer_idx >= dense_layers:
             blocks, want = math.ceil(n / BLOCK), min(math.ceil(cfg.kept(n) / BLOCK), math.ceil(n / BLOCK))
             if want < blocks:
                 for h in range(kv_heads):
@@ -166,12 +167,12 @@ def attention_reference(path, prompt, tokens, name, attention):
     return torch.stack(logits).float()
 
 
-@pytest.mark.parametrize("budget", [0.25, 40])
-def test_quest_reads_the_blocks_a_float64_reference_chooses(llama_dir, budget):
+@pytest.mark.parametrize("budget, dense_layers", [(0.25, 0), (40, 0), (0.25, 1)])
+def test_quest_reads_the_blocks_a_float64_reference_chooses(llama_dir, budget, dense_layers):
     prompt = prompts_of([150], 512, seed=22)[0]
-    tokens, mine, cuts = run_engine(llama_dir, prompt, 24, kv_method="quest", kv_method_config={"budget": budget})
+    tokens, mine, cuts = run_engine(llama_dir, prompt, 24, kv_method="quest", kv_method_config={"budget": budget, "dense_layers": dense_layers})
     assert cuts == [], "Quest evicts nothing"
-    expect = attention_reference(llama_dir, prompt, tokens, "quest_reference", quest_attention(budget))
+    expect = attention_reference(llama_dir, prompt, tokens, f"quest_reference_{dense_layers}", quest_attention(budget, dense_layers))
     assert (mine - expect).abs().max().item() <= TOL
     full_tokens, full, _ = run_engine(llama_dir, prompt, 24)
     assert (full[1:] - mine[1:]).abs().max().item() > 1e-3, "the selection changed nothing: the test could not fail"
