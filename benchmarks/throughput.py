@@ -1,26 +1,35 @@
-"""Offline throughput: kvtier's continuous batching vs HF transformers ``generate`` in static batches.
+"""Offline throughput: kvtier's continuous batching vs its peers, vLLM's CPU build and HF transformers.
 
-Same model, same requests (ShareGPT-like lognormal lengths, ``ignore_eos``), same run. HF is run
-the way vLLM's ``benchmark_throughput --backend hf`` runs it: requests in arrival order, packed into
-batches of up to ``--hf-batch-size``, each batch generating its longest requested output.
-Prints tokens/s of each and the ratio, and kvtier's KV waste sampled during the run.
+Same model, same requests (ShareGPT-like lognormal lengths, greedy, ``ignore_eos``), same run. vLLM runs its offline
+``LLM.generate`` on the very same token ids (``skip_tokenizer_init``) in its own environment (.venv-vllm, made by
+benchmarks/peers/setup_vllm.sh on first use), with kvtier's settings: the KV budget (``VLLM_CPU_KVCACHE_SPACE``),
+``max_num_seqs``, ``max_num_batched_tokens``, prefix caching, fp32, and OpenMP threads bound to the machine's cores.
+HF is run the way vLLM's ``benchmark_throughput --backend hf`` runs it: requests in arrival order, packed into
+batches of up to ``--hf-batch-size``, each batch generating its longest requested output. Prints tokens/s of each,
+kvtier's ratio to each peer, each one's peak memory (the process tree's proportional set size), and kvtier's KV
+waste sampled during the run.
 
-    python benchmarks/throughput.py                       # reference model, 1000 requests
-    python benchmarks/throughput.py --num-prompts 100     # quicker
-    python benchmarks/throughput.py --reference hybrid    # the reference hybrid: attention at layers 2 and 6, Mamba2 elsewhere
+    python benchmarks/throughput.py                          # reference model, 1000 requests, kvtier and HF
+    python benchmarks/throughput.py --backend kvtier vllm    # kvtier and vLLM-CPU
+    python benchmarks/throughput.py --num-prompts 100        # quicker
+    python benchmarks/throughput.py --reference hybrid       # the reference hybrid: attention at layers 2 and 6, Mamba2 elsewhere
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers.proc_memory import PeakMemory  # noqa: E402
 from workload import Request, add_workload_args, describe, make_workload  # noqa: E402
 
 from kvtier.config import EngineArgs  # noqa: E402
@@ -30,6 +39,9 @@ from kvtier.machine import machine_line  # noqa: E402
 from kvtier.models.checkpoint_builder import build_random_checkpoint  # noqa: E402
 from kvtier.sampling_params import SamplingParams  # noqa: E402
 
+PEERS = Path(__file__).resolve().parent / "peers"
+VLLM_PYTHON = PEERS.parent.parent / ".venv-vllm" / "bin" / "python"
+BACKENDS = ("kvtier", "vllm", "hf")
 REFERENCE = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, intermediate_size=1408, vocab_size=32000)
 
 
@@ -116,11 +128,39 @@ def run_hf(model: Path, reqs: list[Request], args: argparse.Namespace) -> dict:
     return {"elapsed_s": time.perf_counter() - start}
 
 
+def run_vllm(model: Path, reqs: list[Request], args: argparse.Namespace) -> dict:
+    """vLLM-CPU in its own environment, driven through benchmarks/peers/vllm_offline.py; its log goes to
+    .cache/vllm-peer.log."""
+    if not VLLM_PYTHON.exists():
+        subprocess.run(["bash", str(PEERS / "setup_vllm.sh")], check=True)
+    if not float(args.kv_cache_gib).is_integer():
+        raise SystemExit(f"--kv-cache-gib must be a whole number of GiB for vLLM (VLLM_CPU_KVCACHE_SPACE), got {args.kv_cache_gib}")
+    cores = os.sched_getaffinity(0)
+    settings = {"kv_cache_gib": int(args.kv_cache_gib), "threads_bind": f"{min(cores)}-{max(cores)}" if len(cores) > 1 else str(min(cores)),
+                "dtype": "float32", "max_model_len": json.loads((model / "config.json").read_text()).get("max_position_embeddings", 4096),
+                "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+                "enable_prefix_caching": not args.no_prefix_caching}
+    with tempfile.TemporaryDirectory() as tmp:
+        request, answer, log = Path(tmp) / "request.json", Path(tmp) / "result.json", Path(".cache/vllm-peer.log")
+        request.write_text(json.dumps({"model": str(model.resolve()), "prompts": [r.prompt_token_ids for r in reqs],
+                                       "output_lens": [r.output_len for r in reqs], "settings": settings}))
+        with log.open("w") as out:
+            proc = subprocess.Popen([str(VLLM_PYTHON), str(PEERS / "vllm_offline.py"), str(request), str(answer)], stdout=out, stderr=subprocess.STDOUT)
+            with PeakMemory(proc.pid) as mem:
+                proc.wait()
+        if proc.returncode:
+            raise SystemExit(f"vLLM failed (exit {proc.returncode}); its log: {log}")
+        r = json.loads(answer.read_text())
+    assert r["requests"] == len(reqs) and r["output_tokens"] == sum(x.output_len for x in reqs), "vLLM lost tokens or requests"
+    return {"elapsed_s": r["elapsed_s"], "version": r["version"], "settings": r["settings"], "peak_memory_mib": mem.peak_mib}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=None, help="HF checkpoint folder (default: the --reference model, built on first use)")
     p.add_argument("--reference", choices=["llama", "hybrid"], default="llama", help="the reference model to build and run when no --model is given")
-    p.add_argument("--backend", choices=["both", "kvtier", "hf"], default="both")
+    p.add_argument("--backend", nargs="+", choices=[*BACKENDS, "both", "all"], default=["both"],
+                   help="engines to run, in this order: kvtier, vllm (vLLM-CPU), hf; both: kvtier and hf; all: the three")
     p.add_argument("--hf-batch-size", type=int, default=32)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -138,19 +178,26 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {machine_line()}")
     print(f"workload: {describe(reqs)}")
     result = {"machine": machine_line(), "workload": describe(reqs), "args": {k: str(v) for k, v in vars(args).items()}}
-    for name, fn in (("kvtier", run_kvtier), ("hf", run_hf)):
-        if args.backend not in ("both", name):
+    chosen = {b for name in args.backend for b in {"both": ("kvtier", "hf"), "all": BACKENDS}.get(name, (name,))}
+    for name, fn in (("kvtier", run_kvtier), ("vllm", run_vllm), ("hf", run_hf)):
+        if name not in chosen:
             continue
-        r = fn(model, reqs, args)
+        if name == "vllm":
+            r = fn(model, reqs, args)
+        else:
+            with PeakMemory(os.getpid()) as mem:
+                r = fn(model, reqs, args)
+            r["peak_memory_mib"] = mem.peak_mib
         r["output_tokens_per_s"] = output_tokens / r["elapsed_s"]
         r["total_tokens_per_s"] = (prompt_tokens + output_tokens) / r["elapsed_s"]
         result[name] = r
         rest = json.dumps({k: v for k, v in r.items() if k != "elapsed_s"}, default=float)
         print(f"{name}: {r['elapsed_s']:.1f} s, {r['output_tokens_per_s']:.1f} output tok/s, {r['total_tokens_per_s']:.1f} total tok/s  {rest}")
-    if "kvtier" in result and "hf" in result:
-        ratio = result["hf"]["elapsed_s"] / result["kvtier"]["elapsed_s"]
-        result["ratio_kvtier_over_hf"] = ratio
-        print(f"ratio kvtier / hf throughput: {ratio:.2f}x")
+    for peer in ("vllm", "hf"):
+        if "kvtier" in result and peer in result:
+            ratio = result[peer]["elapsed_s"] / result["kvtier"]["elapsed_s"]
+            result[f"ratio_kvtier_over_{peer}"] = ratio
+            print(f"ratio kvtier / {peer} throughput: {ratio:.2f}x")
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2, default=float))
 

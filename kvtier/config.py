@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvtier.attention.registry import get_backend
+from kvtier.attention.registry import check_backend_name
 from kvtier.cache.prefix_cache import HASH_ALGOS
 from kvtier.errors import InvalidArgumentError
 from kvtier.kv_methods.registry import build_method, parse_config
@@ -50,7 +50,7 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     preemption_mode: str = "recompute"
     max_logprobs: int = 20
-    attention_backend: str = "paged"  # see kvtier.attention.registry
+    attention_backend: str = "auto"  # see kvtier.attention.registry
     mamba_cache_dtype: str = "auto"  # vLLM's flag: a hybrid's conv and SSM states ("auto": the model's dtype)
     mamba_ssm_cache_dtype: str = "auto"  # vLLM's flag: the SSM state alone ("auto": as mamba_cache_dtype)
     mamba_full_memory_ratio: float | None = None  # SGLang's flag: state bytes over K/V bytes; None: one slot per longest sequence
@@ -98,7 +98,7 @@ class EngineArgs:
         if self.preemption_mode not in ("recompute", "swap"):
             raise InvalidArgumentError("preemption_mode", f"must be 'recompute' or 'swap', got {self.preemption_mode!r}")
         _require_int("max_logprobs", self.max_logprobs, 0)
-        get_backend(self.attention_backend)  # an unknown name fails here, listing the known ones
+        check_backend_name(self.attention_backend)  # an unknown name fails here, listing the known ones
         self.kv_method_config = parse_config(self.kv_method_config)
         build_method(self.kv_method, self.kv_method_config)  # an unknown method or a bad config fails here, naming the field
 

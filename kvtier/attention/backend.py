@@ -32,6 +32,11 @@ class AttentionBackend(ABC):
         (``windows`` maps its index among the step's block tables to its sliding window, or None) the metadata for that
         layout over the group's block tables, in ``windows``' order."""
 
+    def prepare(self, model: torch.nn.Module, max_batch: int) -> None:
+        """Adapt the model this backend serves, once after loading (the reference backend leaves it as loaded);
+        ``max_batch``: the most decode rows a step holds."""
+        return None
+
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache, meta: AttentionMetadata,
                 scale: float) -> torch.Tensor:

@@ -10,6 +10,8 @@ into the query-length axis. This is the op a GPU kernel replaces.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -65,9 +67,10 @@ def decode_attention(q: torch.Tensor, cache: LayerCache, group: DecodeGroup, sca
     return out.view(batch, num_heads, dim)
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache, meta: AttentionMetadata, scale: float,
+                    decode: Callable[..., torch.Tensor] = decode_attention) -> torch.Tensor:
     """Write this step's K/V into the cache (and clear or update what a KV method keeps beside them), then attend.
-    q [T, H, D], k/v [T, Hkv, D] -> [T, H, D]."""
+    q [T, H, D], k/v [T, Hkv, D] -> [T, H, D]. ``decode``: what attends a decode group (``decode_attention``'s signature)."""
     write_kv(cache.k, cache.v, k, v, meta.slot_mapping)
     if cache.slot_stats is not None:
         cache.slot_stats[:, meta.slot_mapping] = 0.0  # a new token has received no attention yet
@@ -82,7 +85,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
     probs = None if meta.decode_probs is None else []
     for g in meta.decode_groups:
         rows = slice(g.start, g.start + g.size)
-        out[rows] = decode_attention(q[rows], cache, g, scale, probs, meta.kv_method)
+        out[rows] = decode(q[rows], cache, g, scale, probs, meta.kv_method)
     if probs is not None:
         meta.decode_probs.append(probs)
     for span in meta.prefills:
@@ -109,12 +112,14 @@ def _first_block(start: int, window: int | None, block_size: int) -> int:
     return 0 if window is None else max(0, start - window + 1) // block_size
 
 
-def _decode_groups(decodes: list[ScheduledTokens], group: int, window: int | None, block_size: int, device: torch.device) -> list[DecodeGroup]:
-    """Decodes (sorted by length) split into groups of similar block count, each row's table cut to the blocks it reads."""
+def _decode_groups(decodes: list[ScheduledTokens], group: int, window: int | None, block_size: int, device: torch.device,
+                   by_length: bool) -> list[DecodeGroup]:
+    """Decodes (sorted by length), each row's table cut to the blocks it reads; ``by_length``: split into groups of
+    similar block count (padding costs a gather its whole width), else one group."""
     firsts = [_first_block(s.slot_start, window, block_size) for s in decodes]
     tables = [s.block_ids[group][first : s.slot_start // block_size + 1] for s, first in zip(decodes, firsts)]
     groups, start = [], 0
-    for size in group_by_length([len(t) for t in tables]):
+    for size in group_by_length([len(t) for t in tables]) if by_length else [len(tables)] if tables else []:
         rows = range(start, start + size)
         width = max(len(tables[i]) for i in rows)
         flat = torch.tensor([b for i in rows for b in tables[i] + [0] * (width - len(tables[i]))], dtype=torch.long, device=device)
@@ -130,17 +135,18 @@ class PagedAttentionBackend(AttentionBackend):
     """Decodes first, shortest first and grouped by length; then each prefill chunk, attending over its gathered context."""
 
     name = "paged"
+    decode_groups_by_length = True  # the gather reads every padded block: keep rows of similar length together
 
     def plan(self, seqs: list[ScheduledTokens], block_size: int, windows: dict[int, int | None],
              device: torch.device) -> tuple[list[ScheduledTokens], list[AttentionMetadata]]:
         decodes = sorted((s for s in seqs if s.num_tokens == 1), key=lambda s: s.slot_start)
         prefills = [s for s in seqs if s.num_tokens > 1]
-        metas = [self._metadata(decodes, prefills, g, window, block_size, device) for g, window in windows.items()]
+        metas = [self._metadata(decodes, prefills, g, window, block_size, device, self.decode_groups_by_length) for g, window in windows.items()]
         return decodes + prefills, metas
 
     @staticmethod
     def _metadata(decodes: list[ScheduledTokens], prefills: list[ScheduledTokens], group: int, window: int | None, block_size: int,
-                  device: torch.device) -> AttentionMetadata:
+                  device: torch.device, by_length: bool) -> AttentionMetadata:
         parts = [_slots(s.block_ids[group], s.slot_start, s.num_tokens, block_size) for s in prefills]
         if decodes:  # one vectorised op for all decodes, however many
             pos = torch.tensor([s.slot_start for s in decodes], dtype=torch.long)
@@ -154,7 +160,7 @@ class PagedAttentionBackend(AttentionBackend):
             gather = None if s.slot_start == 0 else _slots(s.block_ids[group], key_start, ctx - key_start, block_size).to(device)
             spans.append(PrefillSpan(offset, s.num_tokens, ctx, gather, torch.arange(s.slot_start, ctx, device=device), key_start))
             offset += s.num_tokens
-        return AttentionMetadata(slots, len(decodes), _decode_groups(decodes, group, window, block_size, device), spans, window)
+        return AttentionMetadata(slots, len(decodes), _decode_groups(decodes, group, window, block_size, device, by_length), spans, window)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache, meta: AttentionMetadata,
                 scale: float) -> torch.Tensor:

@@ -20,7 +20,7 @@ from kvtier.engine.branching import Branching
 from kvtier.engine.checkpoints import Checkpoints, check_checkpoint_args
 from kvtier.engine.compression import Compression
 from kvtier.engine.input_processor import EngineInput, InputProcessor, PromptInput
-from kvtier.engine.model_runner import ModelRunner
+from kvtier.engine.model_runner import ModelRunner, StepLogits
 from kvtier.engine.output_processor import OutputProcessor
 from kvtier.engine.scheduler import Scheduler, StepPlan
 from kvtier.engine.sequence import Request, RequestStatus, Sequence
@@ -52,12 +52,13 @@ class LLMEngine:
             raise InvalidArgumentError("max_model_len", f"must be <= max_position_embeddings ({cfg.max_position_embeddings}), got {self.max_model_len}")
         self.tokenizer = Tokenizer.from_pretrained(args.tokenizer or path)
         torch.manual_seed(args.seed)
-        self.attention = get_backend(args.attention_backend)
-        self.model = load_model(path, cfg, dtype, self.device, self.max_model_len, self.attention)
         budget = args.max_num_batched_tokens or (2048 if args.enable_chunked_prefill else self.max_model_len)
         if not args.enable_chunked_prefill and budget < self.max_model_len:
             raise InvalidArgumentError("max_num_batched_tokens", f"must be >= max_model_len ({self.max_model_len}) without chunked prefill, got {budget}")
         method = self._kv_method()
+        self.attention = get_backend(args.attention_backend, self.device, method.name if method is not None and method.decode_hooks else None)
+        self.model = load_model(path, cfg, dtype, self.device, self.max_model_len, self.attention)
+        self.attention.prepare(self.model, args.max_num_seqs)
         groups = kv_cache_groups(cfg, args.block_size, dtype, self._mamba_dtypes(dtype),
                                  None if method is None else method.cache_state(cfg.num_hidden_layers))
         swap = int(args.swap_space * GiB) if args.preemption_mode == "swap" else 0
@@ -224,7 +225,7 @@ class LLMEngine:
             self.checkpoints.after_chunk(c.request, c.seq, c.start)
             self.compression.after_chunk(c.seq, logits.queries.get(c.seq.seq_id))
         if plan.to_sample:
-            self._sample(plan.to_sample, logits.last)
+            self._sample(plan.to_sample, logits)
         return self._finish_and_emit(plan)
 
     def _decode_bytes_read(self, num_slots: int, num_tokens: int) -> int:
@@ -253,26 +254,29 @@ class LLMEngine:
         for entry in compute_logprobs(logits[:n], targets, req.params.prompt_logprobs):
             req.prompt_logprobs.append(self.output.decoded(entry))
 
-    def _sample(self, requests: list[Request], last: dict[int, torch.Tensor]) -> None:
-        rows: list[SamplingRow] = []
-        row_logits: list[torch.Tensor] = []
-        targets: list[tuple[Request, Sequence]] = []
+    def _sample(self, requests: list[Request], logits: StepLogits) -> None:
+        """Sample every live sequence of ``requests`` (a new sample of ``n > 1`` from its parent's logits), rows ordered as
+        the step's logits table so that a plain decode batch is read from it without a copy."""
+        entries: list[tuple[int, SamplingRow, tuple[Request, Sequence]]] = []
         for req in requests:
             if req.beam is not None:
-                self.branching.beam_step(req, torch.stack([last[s.seq_id] for s in req.live_seqs]))
+                self.branching.beam_step(req, torch.stack([logits.last[s.seq_id] for s in req.live_seqs]))
                 self._note_token(req, time.monotonic())
                 continue
             self.branching.fork_samples(req)
             for s in req.live_seqs:
-                parent_logits = last.get(s.seq_id, last.get(req.seqs[0].seq_id))
-                rows.append(SamplingRow(req.params, s.token_ids[: s.prompt_len], s.output_token_ids, s.generator, self.output.banned_tokens(req, s)))
-                row_logits.append(parent_logits)
-                targets.append((req, s))
-        if not rows:
+                row = logits.last_row.get(s.seq_id, logits.last_row.get(req.seqs[0].seq_id))
+                entries.append((row, SamplingRow(req.params, s.token_ids[: s.prompt_len], s.output_token_ids, s.generator,
+                                                 self.output.banned_tokens(req, s)), (req, s)))
+        if not entries:
             return
-        result = self.sampler(torch.stack(row_logits), rows)
+        entries.sort(key=lambda e: e[0])
+        index = [e[0] for e in entries]
+        table = logits.table
+        batch = table if index == list(range(table.shape[0])) else table[torch.tensor(index, device=table.device)]
+        result = self.sampler(batch, [e[1] for e in entries])
         now = time.monotonic()
-        for (req, s), token, lps in zip(targets, result.token_ids, result.logprobs):
+        for (_, _, (req, s)), token, lps in zip(entries, result.token_ids, result.logprobs):
             chosen = lps.get(token, (0.0, 0))[0] if lps else 0.0
             self.output.append(req, s, token, chosen, self.output.decoded(lps))
             self._note_token(req, now)

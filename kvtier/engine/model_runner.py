@@ -30,6 +30,10 @@ class StepLogits:
     decode_probs: dict[int, torch.Tensor] = field(default_factory=dict)
     # seq_id -> per attention layer the queries (after RoPE) of the rows its ``SchedulerOutput.query_rows`` asked for
     queries: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    # the step's logits as one tensor, and the row of each sampled seq's ``last`` in it: the sampler reads a batch
+    # straight from it instead of stacking the rows again
+    table: torch.Tensor | None = None
+    last_row: dict[int, int] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -138,6 +142,7 @@ class ModelRunner:
         if not rows:
             return result
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)]).float()
+        result.table = logits
         i = 0
         for sid, is_prompt, n in owners:
             block = logits[i : i + n]
@@ -145,5 +150,6 @@ class ModelRunner:
                 result.prompt[sid] = block
             if sid in sample_ids:
                 result.last[sid] = block[-1]
+                result.last_row[sid] = i + n - 1
             i += n
         return result

@@ -188,7 +188,7 @@ class Sampler:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise InvalidArgumentError("logits", f"must have shape [{len(rows)}, vocab] (one row per SamplingRow), got {list(logits.shape)}")
         plain = all(r.params.is_greedy and not r.banned_token_ids and not _needs_penalty(r.params) and not r.params.logits_processors for r in rows)
-        tokens = logits.argmax(-1) if plain else self._sample(logits, rows)
+        tokens = logits.max(-1).indices if plain else self._sample(logits, rows)  # max's indices: argmax's (the first), several times faster on CPU
         token_list = tokens.tolist()
         logprobs: list[TokenLogprobs | None] = [None] * len(rows)
         wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]

@@ -15,6 +15,7 @@ from kvtier.cache.prefix_cache import HASH_ALGOS
 from tests.hf_checkpoints import save_hf_checkpoint
 
 TOL = 1e-4
+BACKENDS = ["paged", "cpu"]  # the reference backend and the fast one: both held to HF
 
 
 class LogitSpy:
@@ -41,6 +42,8 @@ def prompts_of(lengths: list[int], vocab: int, seed: int = 1) -> list[list[int]]
 
 def check_against_hf(path, prompts, max_tokens=8, dtype=torch.float32, tol=TOL, llm=None, **engine_kw):
     llm = llm or LLM(str(path), dtype=str(dtype).removeprefix("torch."), **engine_kw)
+    if "attention_backend" in engine_kw:  # no silent fallback: the backend asked for is the one under test
+        assert llm.engine.attention.name == engine_kw["attention_backend"]
     spy = LogitSpy(llm)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -89,24 +92,27 @@ MIXED = [5, 17, 33, 1, 64, 40]
     ],
     ids=["llama-gqa", "llama-mqa", "llama-mha-tied", "llama-rope-linear", "llama-rope-llama3", "llama-bias", "qwen2", "qwen3", "mistral-sliding"],
 )
-def test_architectures_match_hf(tmp_path, tokenizer_files, arch, overrides):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_architectures_match_hf(tmp_path, tokenizer_files, arch, overrides, backend):
     path = save_hf_checkpoint(tmp_path, tokenizer_files, arch, **overrides)
-    check_against_hf(path, prompts_of(MIXED, 512), kv_cache_memory=1 << 22)
+    check_against_hf(path, prompts_of(MIXED, 512), kv_cache_memory=1 << 22, attention_backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("chunked,budget", [(True, 24), (True, 2048), (False, 512)])
-def test_chunked_prefill_on_and_off(llama_dir, chunked, budget):
+def test_chunked_prefill_on_and_off(llama_dir, chunked, budget, backend):
     check_against_hf(llama_dir, prompts_of([70, 9, 45, 130], 512, seed=2), enable_chunked_prefill=chunked, max_num_batched_tokens=budget,
-                     kv_cache_memory=1 << 22)
+                     kv_cache_memory=1 << 22, attention_backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
-def test_preemption_under_tiny_block_budget(llama_dir, mode):
+def test_preemption_under_tiny_block_budget(llama_dir, mode, backend):
     """12 blocks of 16 slots for 6 sequences that need ~4 blocks each: preemption must happen, outputs stay exact."""
     per_block = 2 * 2 * 2 * 16 * 16 * 4  # K+V, layers, kv heads, head_dim, block_size, fp32
     llm = check_against_hf(
         llama_dir, prompts_of([30, 40, 35, 45, 20, 38], 512, seed=3), max_tokens=24,
-        kv_cache_memory=12 * per_block, preemption_mode=mode, swap_space=0.01,
+        kv_cache_memory=12 * per_block, preemption_mode=mode, swap_space=0.01, attention_backend=backend,
     )
     assert llm.get_metrics()["num_preemptions"] > 0
 

@@ -1,0 +1,49 @@
+"""The ``cpu`` backend's C++ decode kernel against the reference decode attention (matmuls over gathered blocks), and
+the backend choice: ``auto`` takes it on a CPU, and a KV method acting inside decode attention keeps the reference,
+with a log line that says why."""
+
+from __future__ import annotations
+
+import logging
+import types
+
+import pytest
+import torch
+
+from kvtier import LLM
+from kvtier.attention.cpu import CpuPagedBackend
+from kvtier.attention.metadata import DecodeGroup
+from kvtier.attention.paged import decode_attention
+
+
+@pytest.mark.parametrize("heads, kv_heads, dim, window", [(8, 4, 64, None), (4, 4, 32, None), (6, 1, 48, None), (8, 2, 20, 37)])
+def test_kernel_matches_the_reference_decode(heads, kv_heads, dim, window):
+    """Random paged cache, rows of different lengths in scattered blocks (padded tables, block 0 as padding), GQA, MHA,
+    MQA, a head size that is no multiple of the vector width, a sliding window whose tables start past position 0."""
+    g = torch.Generator().manual_seed(heads * dim)
+    bs, rows = 16, 9
+    lens = torch.randint(1, 140, (rows,), generator=g)
+    lens[0] = 1
+    starts = torch.zeros(rows, dtype=torch.long) if window is None else ((lens - window).clamp(min=0) // bs) * bs
+    width = int(((lens - starts + bs - 1) // bs).max())
+    k = torch.randn(kv_heads, (rows * width + 1) * bs, dim, generator=g)
+    v = torch.randn(kv_heads, (rows * width + 1) * bs, dim, generator=g)
+    tables = (torch.randperm(rows * width, generator=g) + 1).view(rows, width)
+    for r in range(rows):  # padding past a row's last block, as the backend's metadata pads
+        tables[r, int((lens[r] - starts[r] + bs - 1) // bs):] = 0
+    group = DecodeGroup(0, tables.flatten(), lens, lens - 1, bs, window, None if window is None else starts)
+    q = torch.randn(rows, heads, dim, generator=g)
+    cache = types.SimpleNamespace(k=k, v=v)
+    want = decode_attention(q.double(), types.SimpleNamespace(k=k.double(), v=v.double()), group, dim**-0.5)
+    got = CpuPagedBackend().decode(q, cache, group, dim**-0.5)
+    assert (got.double() - want).abs().max().item() <= 1e-5
+    mine_ref = decode_attention(q, cache, group, dim**-0.5)
+    assert (mine_ref.double() - want).abs().max().item() <= 1e-5
+
+
+def test_auto_picks_the_kernel_and_a_decode_method_keeps_the_reference(llama_dir, caplog):
+    assert LLM(str(llama_dir), kv_cache_memory=1 << 22).engine.attention.name == "cpu"
+    with caplog.at_level(logging.WARNING, logger="kvtier.attention.registry"):
+        llm = LLM(str(llama_dir), kv_cache_memory=1 << 22, attention_backend="cpu", kv_method="quest", kv_method_config={"budget": 32})
+    assert llm.engine.attention.name == "paged"
+    assert "'quest' acts inside decode attention" in caplog.text and "reference backend 'paged'" in caplog.text
