@@ -46,6 +46,19 @@ class PrefillSpan:
     slots: torch.Tensor | None  # [context_len - key_start] cache slots to gather; None when the keys are the chunk itself
     positions: torch.Tensor  # [query_len] cache slots of the chunk's tokens (their positions, unless a KV method evicted tokens)
     key_start: int = 0  # position of the first gathered key (a window's first block)
+    _mask: torch.Tensor | None = field(default=None, repr=False)
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        """[query_len, context_len - key_start] the keys each query may see (causal, and within ``window``); built once
+        per step and shared by the group's layers."""
+        if self._mask is None:
+            key_pos = torch.arange(self.key_start, self.context_len, device=self.positions.device)
+            q_pos = self.positions[:, None]
+            mask = key_pos[None, :] <= q_pos
+            if window is not None:
+                mask &= key_pos[None, :] > q_pos - window
+            self._mask = mask
+        return self._mask
 
 
 @dataclass
@@ -123,16 +136,6 @@ class DecodeHooks(Protocol):
     def observe_decode(self, cache: LayerCache, head: int, slots: torch.Tensor, probs: torch.Tensor) -> None: ...
 
     def read_values(self, probs: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor: ...
-
-
-def prefill_mask(span: PrefillSpan, window: int | None) -> torch.Tensor:
-    """[query_len, context_len - key_start] causal (and sliding-window) visibility for one chunk."""
-    key_pos = torch.arange(span.key_start, span.context_len, device=span.positions.device)
-    q_pos = span.positions[:, None]
-    mask = key_pos[None, :] <= q_pos
-    if window is not None:
-        mask &= key_pos[None, :] > q_pos - window
-    return mask
 
 
 def group_by_length(num_blocks: list[int], slack_blocks: int = 4, ratio: float = 1.5) -> list[int]:

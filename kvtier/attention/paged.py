@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from kvtier.attention.backend import AttentionBackend
-from kvtier.attention.metadata import AttentionMetadata, DecodeGroup, DecodeHooks, PrefillSpan, ScheduledTokens, group_by_length, prefill_mask
+from kvtier.attention.metadata import AttentionMetadata, DecodeGroup, DecodeHooks, PrefillSpan, ScheduledTokens, group_by_length
 from kvtier.cache.layer_cache import LayerCache, summarize_blocks
 from kvtier.cache.ops import block_slots, token_slots
 
@@ -67,6 +67,26 @@ def decode_attention(q: torch.Tensor, cache: LayerCache, group: DecodeGroup, sca
     return out.view(batch, num_heads, dim)
 
 
+MAX_SCORE_BYTES = 256 << 20  # the most fp32 scores a prefill chunk's attention materialises
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """One chunk's attention over its context: q [Lq, H, D], k/v [Hkv, L, D], mask [Lq, L] -> [Lq, H, D]. The query heads
+    that share a KV head are folded into the query axis, so each KV head is one matmul with no K/V repeat; an explicit
+    matmul and masked softmax beat SDPA's CPU kernels here (0.7x their time at 83 and 512 tokens, fp32)."""
+    lq, heads, dim = q.shape
+    kv_heads = k.shape[0]
+    group = heads // kv_heads
+    qp = q.view(lq, kv_heads, group, dim).permute(1, 2, 0, 3).reshape(kv_heads, group * lq, dim)
+    if heads * lq * k.shape[1] * 4 > MAX_SCORE_BYTES:  # a long chunk over a long context: SDPA never holds all the scores
+        out = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask.repeat(group, 1), scale=scale)
+    else:
+        scores = torch.bmm(qp, k.transpose(1, 2)).mul_(scale).view(kv_heads, group, lq, -1)
+        probs = scores.masked_fill_(~mask, float("-inf")).softmax(-1, dtype=torch.float32).to(v.dtype)
+        out = torch.bmm(probs.view(kv_heads, group * lq, -1), v)
+    return out.view(kv_heads, group, lq, dim).permute(2, 0, 1, 3).reshape(lq, heads, dim)
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache, meta: AttentionMetadata, scale: float,
                     decode: Callable[..., torch.Tensor] = decode_attention) -> torch.Tensor:
     """Write this step's K/V into the cache (and clear or update what a KV method keeps beside them), then attend.
@@ -78,9 +98,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
         summarize_blocks(cache.k, cache.block_summary, meta.slot_mapping)
     if meta.query_rows is not None:
         meta.queries.append(q.index_select(0, meta.query_rows))
-    num_tokens, num_heads, head_dim = q.shape
-    num_kv = k.shape[1]
-    group = num_heads // num_kv
     out = torch.empty_like(q)
     probs = None if meta.decode_probs is None else []
     for g in meta.decode_groups:
@@ -94,12 +111,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
             kc, vc = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
         else:
             kc, vc = cache.k.index_select(1, span.slots), cache.v.index_select(1, span.slots.to(cache.v.device)).to(q.device)
-        # [Hkv, group * Lq, D] queries; the mask repeats for every head of the group.
-        qp = q[rows].view(span.query_len, num_kv, group, head_dim).permute(1, 2, 0, 3)
-        qp = qp.reshape(num_kv, group * span.query_len, head_dim)
-        mask = prefill_mask(span, meta.window).repeat(group, 1)
-        op = F.scaled_dot_product_attention(qp, kc, vc, attn_mask=mask, scale=scale)
-        out[rows] = op.view(num_kv, group, span.query_len, head_dim).permute(2, 0, 1, 3).reshape(span.query_len, num_heads, head_dim)
+        out[rows] = prefill_attention(q[rows], kc, vc, span.mask(meta.window), scale)
     return out
 
 
