@@ -1,16 +1,19 @@
-"""Start ``kvtier serve`` in a subprocess on a free loopback port, wait until it answers, stop it with SIGTERM.
+"""Start ``kvtier serve`` (or the peer, ``vllm serve`` from .venv-vllm) in a subprocess on a free loopback port, wait
+until it answers, stop it with SIGTERM.
 
 Shared by the serving sweep and the server tests, which both need the real server, not an in-process app.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import IO
 
 import httpx2 as httpx
@@ -22,16 +25,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, *flags: str, wait_s: float = 120.0, log: IO[str] | None = None) -> tuple[subprocess.Popen, str]:
-    """``kvtier serve --model MODEL --port FREE FLAGS...``; returns the process and its base URL once /health answers.
+VLLM = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "vllm"
+
+
+def start_server(model: str, *flags: str, wait_s: float = 120.0, log: IO[str] | None = None, server: str = "kvtier",
+                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """``kvtier serve --model MODEL --port FREE FLAGS...`` (``server="vllm"``: ``vllm serve MODEL --port FREE FLAGS...``
+    with ``env`` added, benchmarks/peers/setup_vllm.sh making its environment on first use); returns the process and
+    its base URL once /health answers.
 
     The server's output goes to ``log`` (a temporary file by default), not a pipe: nobody reads a
     pipe during a long run, and a full one would block the server.
     """
     port = free_port()
     log = log or tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen([sys.executable, "-m", "kvtier.entrypoints.cli", "serve", "--model", model, "--port", str(port), *flags],
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    if server == "vllm":
+        if not VLLM.exists():
+            subprocess.run(["bash", str(VLLM.parent.parent.parent / "benchmarks" / "peers" / "setup_vllm.sh")], check=True)
+        argv = [str(VLLM), "serve", model, "--host", "127.0.0.1", "--port", str(port), *flags]
+    else:
+        argv = [sys.executable, "-m", "kvtier.entrypoints.cli", "serve", "--model", model, "--port", str(port), *flags]
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:

@@ -1,13 +1,17 @@
-"""Serving figures: ``kvtier serve`` with prefix caching on and off, each driven by ``serving.py`` at several
-Poisson request rates (below, near and above saturation) with the same workload, prompts behind a few shared prefixes.
+"""Serving figures: ``kvtier serve`` (and, with ``--servers kvtier vllm``, ``vllm serve`` from vLLM's CPU build with the
+same KV budget, token budget, prefix caching and fp32) with prefix caching on and off, each driven by ``serving.py`` at
+several Poisson request rates (below, near and above saturation) with the same workload, prompts behind a few shared
+prefixes. ``--repeats`` runs every cell that many times, the servers interleaved, and the summary gives each
+server's median of the runs' median TTFT and mean TPOT, and kvtier's ratio to vLLM.
 
-Every (prefix caching, rate) run gets a fresh server (a subprocess on a free loopback port, stopped with
+Every (server, prefix caching, rate, repeat) run gets a fresh server (a subprocess on a free loopback port, stopped with
 SIGTERM and required to exit 0) and one warm-up request: a server kept across rates would answer later rates'
 identical prompts from the previous run's prefix cache. Writes all results to one JSON file and prints a
 markdown table. Token ids are drawn below the model's own ``vocab_size`` unless ``--vocab-size`` is given.
 
     python benchmarks/serving_sweep.py                      # reference model, rates 0.5,2,8, 100 prompts each: ~15 min on 2 cores
     python benchmarks/serving_sweep.py --request-rates 2,8 --num-prompts 50 --model path/to/hf-checkpoint
+    python benchmarks/serving_sweep.py --servers kvtier vllm --prefix-caching on --repeats 3
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -30,10 +36,22 @@ SERVED_NAME = "bench"
 WARMUP = Request(list(range(3, 35)), 4)  # consecutive ids: shares no KV block with the workload's random prompts
 
 
-def run_once(model: str, args: argparse.Namespace, reqs: list[Request], caching: bool, rate: float) -> dict:
-    flags = ["--served-model-name", SERVED_NAME, "--kv-cache-memory", str(int(args.kv_cache_gib * (1 << 30))),
-             "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--enable-prefix-caching" if caching else "--no-enable-prefix-caching"]
-    proc, url = start_server(model, *flags)
+def server_flags(server: str, args: argparse.Namespace, caching: bool) -> tuple[list[str], dict[str, str]]:
+    """The same engine settings in each server's own flags (vLLM-CPU takes its KV budget from the environment)."""
+    flags = ["--served-model-name", SERVED_NAME, "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+             "--enable-prefix-caching" if caching else "--no-enable-prefix-caching"]
+    if server == "kvtier":
+        return [*flags, "--kv-cache-memory", str(int(args.kv_cache_gib * (1 << 30)))], {}
+    if not float(args.kv_cache_gib).is_integer():
+        raise SystemExit(f"--kv-cache-gib must be a whole number of GiB for vLLM (VLLM_CPU_KVCACHE_SPACE), got {args.kv_cache_gib}")
+    cores = os.sched_getaffinity(0)
+    return [*flags, "--dtype", "float32"], {"VLLM_CPU_KVCACHE_SPACE": str(int(args.kv_cache_gib)),
+                                            "VLLM_CPU_OMP_THREADS_BIND": f"{min(cores)}-{max(cores)}"}
+
+
+def run_once(model: str, args: argparse.Namespace, reqs: list[Request], caching: bool, rate: float, server: str = "kvtier") -> dict:
+    flags, env = server_flags(server, args, caching)
+    proc, url = start_server(model, *flags, server=server, env=env, wait_s=600.0 if server == "vllm" else 120.0)
     try:
         warm, _ = asyncio.run(run_benchmark(url, SERVED_NAME, [WARMUP], timeout=60, progress=False))
         if warm["failed"]:
@@ -41,20 +59,38 @@ def run_once(model: str, args: argparse.Namespace, reqs: list[Request], caching:
         summary, _ = asyncio.run(run_benchmark(url, SERVED_NAME, reqs, rate, args.max_concurrency, args.seed, args.timeout))
     finally:
         code = stop(proc)
-    if code != 0:
+    if code != 0 and server == "kvtier":
         raise RuntimeError(f"the server exited {code} on SIGTERM")
-    return {"prefix_caching": caching, "request_rate": rate, **summary}
+    return {"server": server, "prefix_caching": caching, "request_rate": rate, **summary}
 
 
-TABLE_HEAD = ("| prefix caching | rate (req/s) | done / failed | req/s | output tok/s | TTFT mean / median / P99 (ms) | TPOT mean / P99 (ms) "
-              "| ITL P99 (ms) | E2E median (ms) |\n|---|---|---|---|---|---|---|---|---|")
+def peer_summary(runs: list[dict]) -> list[str]:
+    """Per (prefix caching, rate): each server's median over repeats of its median TTFT and mean TPOT, and kvtier / vLLM."""
+    lines = ["| prefix caching | rate (req/s) | server | runs | TTFT median (ms) | TPOT mean (ms) | TTFT kvtier / vllm | TPOT kvtier / vllm |",
+             "|---|---|---|---|---|---|---|---|"]
+    cells = sorted({(r["prefix_caching"], r["request_rate"]) for r in runs}, key=lambda c: (not c[0], c[1]))
+    for caching, rate in cells:
+        med = {}
+        for server in ("kvtier", "vllm"):
+            rs = [r for r in runs if (r["server"], r["prefix_caching"], r["request_rate"]) == (server, caching, rate)]
+            if rs:
+                med[server] = (statistics.median(r["ttft"]["median_ms"] for r in rs), statistics.median(r["tpot"]["mean_ms"] for r in rs), len(rs))
+        for server, (ttft, tpot, n) in med.items():
+            ratio = (f"{ttft / med['vllm'][0]:.2f} | {tpot / med['vllm'][1]:.2f}" if server == "kvtier" and "vllm" in med else " | ")
+            lines.append(f"| {'on' if caching else 'off'} | {rate:g} | {server} | {n} | {ttft:.0f} | {tpot:.1f} | {ratio} |")
+    return lines
+
+
+TABLE_HEAD = ("| server | prefix caching | rate (req/s) | done / failed | req/s | output tok/s | TTFT mean / median / P99 (ms) | TPOT mean / P99 (ms) "
+              "| ITL P99 (ms) | E2E median (ms) |\n|---|---|---|---|---|---|---|---|---|---|")
 
 
 def table_row(r: dict) -> str:
     def ms(key: str, *stats: str) -> str:
         return " / ".join("n/a" if r[key][f"{s}_ms"] is None else f"{r[key][f'{s}_ms']:.0f}" for s in stats)
 
-    return (f"| {'on' if r['prefix_caching'] else 'off'} | {r['request_rate']:g} | {r['completed']} / {r['failed']} | {r['request_throughput']:.2f} "
+    return (f"| {r.get('server', 'kvtier')} | {'on' if r['prefix_caching'] else 'off'} | {r['request_rate']:g} | {r['completed']} / {r['failed']} "
+            f"| {r['request_throughput']:.2f} "
             f"| {r['output_throughput']:.1f} | {ms('ttft', 'mean', 'median', 'p99')} | {ms('tpot', 'mean', 'p99')} | {ms('itl', 'p99')} "
             f"| {ms('e2e', 'median')} |")
 
@@ -66,6 +102,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--kv-cache-gib", type=float, default=2.0)
     p.add_argument("--json-out", type=Path, default=Path("benchmarks/results/serving-cpu.json"))
+    p.add_argument("--servers", nargs="+", choices=["kvtier", "vllm"], default=["kvtier"], help="servers to run, interleaved in each cell")
+    p.add_argument("--prefix-caching", choices=["on", "off", "both"], default="both")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each (server, prefix caching, rate) cell")
     add_serving_args(p)
     p.set_defaults(num_prompts=100, shared_prefix_len=256, num_prefix_groups=4, vocab_size=None, timeout=600.0)
     args = p.parse_args(argv)
@@ -81,10 +120,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {machine_line()}\nmodel: {model}\nworkload: {describe(reqs)}; shared prefix {args.shared_prefix_len} tokens x "
           f"{args.num_prefix_groups} groups\n\n{TABLE_HEAD}", flush=True)
     runs = []
-    for caching in (True, False):
+    for caching in {"on": (True,), "off": (False,), "both": (True, False)}[args.prefix_caching]:
         for rate in rates:
-            runs.append(run_once(model, args, reqs, caching, rate))
-            print(table_row(runs[-1]), flush=True)
+            for _ in range(args.repeats):
+                for server in args.servers:
+                    runs.append(run_once(model, args, reqs, caching, rate, server))
+                    print(table_row(runs[-1]), flush=True)
+    if "vllm" in args.servers:
+        print("\n" + "\n".join(peer_summary(runs)))
     write_json(args.json_out, {"machine": machine_line(), "model": model, "workload": describe(reqs), "settings": vars(args), "runs": runs})
     print(f"\nwrote {args.json_out}")
 

@@ -55,6 +55,8 @@ def load_kernels() -> tuple[ModuleType | None, str]:
         tag = _tag(cflags + sorted(_cpu_flags()))
         build = Path(os.environ.get("KVTIER_EXTENSIONS_DIR", Path.home() / ".cache" / "kvtier" / "extensions")) / tag
         build.mkdir(parents=True, exist_ok=True)
+        if not any(build.glob("*.so")):
+            logger.info("compiling kvtier's CPU kernels into %s (once per machine, about 30 s)", build)
         module = load(name=f"kvtier_cpu_{tag}", sources=[str(p) for p in SOURCES], build_directory=str(build),
                       extra_cflags=cflags, extra_ldflags=["-fopenmp"], verbose=False)
         return module, ""
