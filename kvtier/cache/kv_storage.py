@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import torch
 
+from kvtier.cache import huge_pages
 from kvtier.cache.layer_cache import LayerCache, summarize_blocks
 from kvtier.cache.memory_plan import GroupPlan, MemoryPlan
 from kvtier.cache.ops import CacheOps, Compaction, MoveKind, block_slots
@@ -62,8 +63,8 @@ class AttentionStorage(GroupStorage):
 
         def pool(rows: int, host_rows: int, tail: tuple[int, ...], dtype: torch.dtype, home: torch.device = device, per_block: bool = False) -> _Pool:
             # zeros, not empty: padded gathers read unused slots, and NaN garbage would leak through masks
-            return _Pool(torch.zeros(layers, heads, rows, *tail, dtype=dtype, device=home, pin_memory=pin and home.type == "cpu"),
-                         torch.zeros(layers, heads, host_rows, *tail, dtype=dtype, pin_memory=pin), per_block)
+            return _Pool(huge_pages.zeros(layers, heads, rows, *tail, dtype=dtype, device=home, pin_memory=pin and home.type == "cpu"),
+                         huge_pages.zeros(layers, heads, host_rows, *tail, dtype=dtype, device=torch.device("cpu"), pin_memory=pin), per_block)
 
         self.k = pool(slots, host_slots, (spec.head_dim,), spec.dtype)
         self.v = pool(slots, host_slots, (spec.head_dim,), spec.dtype, tier)

@@ -98,7 +98,7 @@ class FullAttentionSpec(KVCacheSpec):
 
     @property
     def _element_size(self) -> int:
-        return torch.tensor([], dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     def max_blocks(self, num_tokens: int, max_chunk: int) -> int:
         return blocks_needed(num_tokens, self.block_size)
