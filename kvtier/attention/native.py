@@ -51,8 +51,9 @@ def load_kernels() -> tuple[ModuleType | None, str]:
     try:
         from torch.utils.cpp_extension import load
 
-        cflags = ["-O3", "-march=native", "-fopenmp", *_vector_flags(_cpu_flags())]
-        tag = _tag(cflags + sorted(_cpu_flags()))
+        flags = _cpu_flags()
+        cflags = ["-O3", "-march=native", "-fopenmp", *_vector_flags(flags)]
+        tag = _tag(cflags + sorted(flags))
         build = Path(os.environ.get("KVTIER_EXTENSIONS_DIR", Path.home() / ".cache" / "kvtier" / "extensions")) / tag
         build.mkdir(parents=True, exist_ok=True)
         if not any(build.glob("*.so")):
