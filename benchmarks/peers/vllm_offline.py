@@ -1,15 +1,15 @@
 """vLLM's offline ``LLM.generate`` on a given workload, run inside .venv-vllm (benchmarks/peers/setup_vllm.sh).
 
 benchmarks/throughput.py writes the request (model folder, token ids, output lengths, engine settings) as JSON and
-starts this script with the peer's Python, ``vllm_offline.py REQUEST.json RESULT.json``; it writes as JSON the elapsed time of ``generate`` alone (engine
-start-up excluded, as kvtier's side excludes it), the tokens produced, vLLM's version and the settings it ran with
-(the caller samples the process tree's memory). Greedy, ``ignore_eos``, no tokenizer: vLLM sees the very same token ids.
+starts this script with the peer's Python and vLLM's CPU environment (``peers/vllm_env.py``),
+``vllm_offline.py REQUEST.json RESULT.json``; it writes as JSON the elapsed time of ``generate`` alone (engine start-up
+excluded, as kvtier's side excludes it), the tokens produced and vLLM's version (the caller samples the process tree's
+memory). Greedy, ``ignore_eos``, no tokenizer: vLLM sees the very same token ids.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
@@ -17,8 +17,6 @@ import time
 def main() -> None:
     req = json.loads(open(sys.argv[1]).read())
     settings = req["settings"]
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings["kv_cache_gib"])
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", settings["threads_bind"])
     import vllm
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -33,8 +31,7 @@ def main() -> None:
     elapsed = time.perf_counter() - start
     tokens = [len(o.outputs[0].token_ids) for o in outs]
     with open(sys.argv[2], "w") as f:
-        json.dump({"elapsed_s": elapsed, "output_tokens": sum(tokens), "requests": len(tokens), "version": vllm.__version__,
-                   "settings": {**settings, "VLLM_CPU_OMP_THREADS_BIND": os.environ["VLLM_CPU_OMP_THREADS_BIND"]}}, f)
+        json.dump({"elapsed_s": elapsed, "output_tokens": sum(tokens), "requests": len(tokens), "version": vllm.__version__, "settings": settings}, f)
 
 
 if __name__ == "__main__":

@@ -5,16 +5,16 @@ new tensors and running a matmul per head; the model it serves gets its linear w
 
 What the kernel does not serve goes to the reference path, call by call, with the same result: a KV method's decode
 hooks (they choose blocks or read the probabilities), a caller asking for the probabilities, dtypes other than fp32,
-a cache off the CPU. Prefill stays on the reference path (one fused SDPA call per chunk already).
+a cache off the CPU. Prefill stays on the reference path (one matmul and masked softmax per chunk and KV head).
 """
 
 from __future__ import annotations
 
 import torch
 
-from kvtier.attention.metadata import AttentionMetadata, DecodeGroup, DecodeHooks
+from kvtier.attention.metadata import DecodeGroup, DecodeHooks
 from kvtier.attention.native import load_kernels
-from kvtier.attention.paged import PagedAttentionBackend, decode_attention, paged_attention
+from kvtier.attention.paged import PagedAttentionBackend
 from kvtier.cache.layer_cache import LayerCache
 from kvtier.models.packed_linear import pack_linears
 
@@ -37,11 +37,8 @@ class CpuPagedBackend(PagedAttentionBackend):
         k, v = cache.k, cache.v
         if (probs_out is not None or hooks is not None or q.dtype != torch.float32 or k.dtype != torch.float32 or v.dtype != torch.float32
                 or q.device.type != "cpu" or v.device.type != "cpu" or not (k.is_contiguous() and v.is_contiguous())):
-            return decode_attention(q, cache, group, scale, probs_out, hooks)
+            return super().decode(q, cache, group, scale, probs_out, hooks)
         starts = group.key_starts if group.key_starts is not None else torch.zeros(group.size, dtype=torch.long)
         return self.kernels.paged_decode(q, k, v, group.block_ids.view(group.size, -1), group.context_lens, starts, group.block_size,
                                          group.window or 0, scale)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache, meta: AttentionMetadata,
-                scale: float) -> torch.Tensor:
-        return paged_attention(q, k, v, cache, meta, scale, self.decode)

@@ -174,6 +174,11 @@ class PagedAttentionBackend(AttentionBackend):
             offset += s.num_tokens
         return AttentionMetadata(slots, len(decodes), _decode_groups(decodes, group, window, block_size, device, by_length), spans, window)
 
+    def decode(self, q: torch.Tensor, cache: LayerCache, group: DecodeGroup, scale: float, probs_out: list[torch.Tensor] | None = None,
+               hooks: DecodeHooks | None = None) -> torch.Tensor:
+        """One decode group's attention (``decode_attention``); a faster backend overrides this alone."""
+        return decode_attention(q, cache, group, scale, probs_out, hooks)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache, meta: AttentionMetadata,
                 scale: float) -> torch.Tensor:
-        return paged_attention(q, k, v, cache, meta, scale)
+        return paged_attention(q, k, v, cache, meta, scale, self.decode)

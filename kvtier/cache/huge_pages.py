@@ -4,7 +4,7 @@
 A paged KV cache is read a block at a time from anywhere in a pool of gigabytes: with 4 KiB pages every block a
 decode step reads is a TLB miss (one block of one KV head is one page). Asking for 2 MiB pages before the pool is
 first touched lets the TLB cover the whole pool: on a 2-core Xeon the CPU decode kernel reads 256 sequences' scattered
-blocks at 19.8 GB/s instead of 16.8 (``benchmarks/decode_kernel.py``). Elsewhere, and for pinned memory, this is
+blocks at 18.4 GB/s instead of 14.2 (``benchmarks/decode_kernel.py``). Elsewhere, and for pinned memory, this is
 ``torch.zeros``.
 """
 
