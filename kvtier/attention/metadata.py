@@ -48,10 +48,11 @@ class PrefillSpan:
     key_start: int = 0  # position of the first gathered key (a window's first block)
     _mask: torch.Tensor | None = field(default=None, repr=False)
 
-    def mask(self, window: int | None) -> torch.Tensor:
-        """[query_len, context_len - key_start] the keys each query may see (causal, and within ``window``); built once
-        per step and shared by the group's layers."""
-        if self._mask is None:
+    def mask(self, window: int | None) -> torch.Tensor | None:
+        """[query_len, context_len - key_start] the keys each query may see (causal, and within ``window``); None when
+        that is plain causal attention over the chunk itself (query i sees keys 0..i), which attention kernels do without
+        a mask. Built once per step and shared by the group's layers."""
+        if self._mask is None and not self._plain_causal(window):
             key_pos = torch.arange(self.key_start, self.context_len, device=self.positions.device)
             q_pos = self.positions[:, None]
             mask = key_pos[None, :] <= q_pos
@@ -59,6 +60,10 @@ class PrefillSpan:
                 mask &= key_pos[None, :] > q_pos - window
             self._mask = mask
         return self._mask
+
+    def _plain_causal(self, window: int | None) -> bool:
+        return ((window is None or window >= self.context_len) and self.key_start == 0 and self.query_len == self.context_len
+                and int(self.positions[-1]) == self.context_len - 1)
 
 
 @dataclass

@@ -32,3 +32,35 @@ def test_a_text_prompt_is_tokenized_once_and_generates_as_offline(llama_dir):
     assert len(calls) == 1, calls
     offline = LLM(str(llama_dir), kv_cache_memory=1 << 22).generate("def add(a, b):", params, use_tqdm=False)[0]
     assert tokens == offline.outputs[0].token_ids
+
+
+def test_an_engine_built_on_its_own_thread_steps_there_and_reports_a_failed_build(llama_dir, tmp_path):
+    """``from_engine_args`` (what ``kvtier serve`` uses) builds the engine on the thread that steps it, so one OS thread
+    runs all of torch's parallel work; a build that fails raises in the caller."""
+    import threading
+
+    import pytest
+
+    from kvtier.errors import KvtierError
+
+    engine = AsyncLLMEngine.from_engine_args(EngineArgs(model=str(llama_dir), kv_cache_memory=1 << 22))
+    threads = []
+    step = engine.engine.step
+    engine.engine.step = lambda: threads.append(threading.current_thread()) or step()
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+    async def run() -> list[int]:
+        last = None
+        async for _, out in engine.submit([engine.validate({"prompt_token_ids": [5, 6, 7]}, params)], params):
+            last = out
+        return last.outputs[0].token_ids
+
+    try:
+        tokens = asyncio.run(run())
+    finally:
+        engine.shutdown()
+    assert threads and {t.name for t in threads} == {"kvtier-engine"}
+    offline = LLM(str(llama_dir), kv_cache_memory=1 << 22).generate({"prompt_token_ids": [5, 6, 7]}, params, use_tqdm=False)[0]
+    assert tokens == offline.outputs[0].token_ids
+    with pytest.raises(KvtierError, match="model"):
+        AsyncLLMEngine.from_engine_args(EngineArgs(model=str(tmp_path / "missing"), kv_cache_memory=1 << 22))

@@ -317,11 +317,9 @@ class GracefulServer(uvicorn.Server):
 def run_server(engine_args, host: str, port: int, model_name: str | None, api_key: str | None, max_queue_len: int | None, shutdown_timeout: float,
                log_level: str = "info", log_requests: bool = False, metric_names: str = "both") -> None:
     """Serve until SIGTERM/SIGINT; then stop accepting, let in-flight requests finish for ``shutdown_timeout`` s, abort the rest."""
-    from kvtier.engine.llm_engine import LLMEngine
-
     logging.basicConfig(format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     logging.getLogger("kvtier").setLevel("DEBUG" if log_level == "trace" else log_level.upper())
-    engine = AsyncLLMEngine(LLMEngine(engine_args), max_queue_len)
+    engine = AsyncLLMEngine.from_engine_args(engine_args, max_queue_len)
     app = build_app(engine, model_name or engine_args.model, api_key, log_requests, metric_names)
     # uvicorn re-raises the signal to the handler it found after shutting down: make that a no-op so a requested shutdown exits 0
     for sig in (signal.SIGTERM, signal.SIGINT):
