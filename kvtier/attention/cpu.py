@@ -1,11 +1,12 @@
 """The ``cpu`` attention backend: the paged backend with decode attention done by a C++ kernel that reads keys and
-values in place through the block tables (``csrc/paged_decode.cpp``), instead of gathering every KV head's blocks into
-new tensors and running a matmul per head; the model it serves gets its linear weights packed for oneDNN
-(``kvtier.models.packed_linear``). The reference backend keeps both as transformers computes them.
+values in place through the block tables (``kvtier/kernels/csrc/paged_decode.cpp``), instead of gathering every KV head's blocks
+into new tensors and running a matmul per head; the model it serves gets its linear weights packed for oneDNN
+(``kvtier.models.packed_linear``) and its RMSNorms, SiLU-and-mul and rotary embeddings as fused kernels
+(``kvtier.models.fused_ops``). The reference backend keeps all of them as transformers computes them.
 
 What the kernel does not serve goes to the reference path, call by call, with the same result: a KV method's decode
 hooks (they choose blocks or read the probabilities), a caller asking for the probabilities, dtypes other than fp32,
-a cache off the CPU. Prefill stays on the reference path (one matmul and masked softmax per chunk and KV head).
+a cache off the CPU. Prefill attention is the reference backend's (SDPA's flash kernel per chunk).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from __future__ import annotations
 import torch
 
 from kvtier.attention.metadata import DecodeGroup, DecodeHooks
-from kvtier.attention.native import load_kernels
+from kvtier.kernels.loader import load_kernels
 from kvtier.attention.paged import PagedAttentionBackend
 from kvtier.cache.layer_cache import LayerCache
+from kvtier.models.fused_ops import fuse_elementwise
 from kvtier.models.packed_linear import pack_linears
 
 
@@ -31,6 +33,7 @@ class CpuPagedBackend(PagedAttentionBackend):
 
     def prepare(self, model: torch.nn.Module, max_batch: int) -> None:
         pack_linears(model, max_batch)
+        fuse_elementwise(model, self.kernels)
 
     def decode(self, q: torch.Tensor, cache: LayerCache, group: DecodeGroup, scale: float, probs_out: list[torch.Tensor] | None = None,
                hooks: DecodeHooks | None = None) -> torch.Tensor:

@@ -47,3 +47,19 @@ def test_auto_picks_the_kernel_and_a_decode_method_keeps_the_reference(llama_dir
         llm = LLM(str(llama_dir), kv_cache_memory=1 << 22, attention_backend="cpu", kv_method="quest", kv_method_config={"budget": 32})
     assert llm.engine.attention.name == "paged"
     assert "'quest' acts inside decode attention" in caplog.text and "reference backend 'paged'" in caplog.text
+
+
+def test_without_a_compiler_the_engine_runs_on_the_reference_backend_and_says_why(llama_dir, tmp_path):
+    """A fresh machine with no C++ compiler: the first engine tries to build the kernels, fails, logs why and serves on
+    ``paged`` (in a subprocess: a process builds or loads the kernels once)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (f"from kvtier import LLM\nllm = LLM({str(llama_dir)!r}, kv_cache_memory=1 << 22)\nprint('backend', llm.engine.attention.name)\n"
+            "from kvtier import SamplingParams\nout = llm.generate({'prompt_token_ids': [5, 6, 7]}, SamplingParams(max_tokens=3), use_tqdm=False)[0]\nprint('tokens', len(out.outputs[0].token_ids))")
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "KVTIER_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "backend paged" in run.stdout and "tokens 3" in run.stdout
+    assert "'cpu' cannot serve here (the C++ kernels did not build" in run.stderr and "reference backend 'paged'" in run.stderr

@@ -1,4 +1,5 @@
-"""kvtier's C++ CPU kernels (``csrc/``), compiled with torch's extension tools the first time they are asked for.
+"""kvtier's C++ CPU kernels (``csrc/``: paged decode attention and the model's fused elementwise ops), compiled with
+torch's extension tools the first time they are asked for.
 
 Built per machine, not at pip install time: a build requirement on torch would pull the CUDA torch into pip's isolated
 build, and the kernel is compiled for the CPU it runs on (``-march=native``), so the build folder's name carries the
@@ -17,7 +18,7 @@ from pathlib import Path
 from types import ModuleType
 
 logger = logging.getLogger(__name__)
-SOURCES = [Path(__file__).parent / "csrc" / "paged_decode.cpp"]
+SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
 
 
 def _cpu_flags() -> set[str]:
