@@ -48,19 +48,19 @@ def greedy_logits(llm: LLM, prompt: list[int], tokens: int) -> tuple[list[int], 
     return list(out.outputs[0].token_ids), torch.stack(record.logits)
 
 
-def exactness(models: dict[str, str], prompt_len: int, steps: int) -> list[dict]:
+def exactness(models: dict[str, str], prompt_len: int, steps: int, **engine_args: object) -> list[dict]:
     """Per model and config with N >= the context: the largest logit difference from the full cache and whether the
-    greedy tokens are the same over ``steps`` steps."""
+    greedy tokens are the same over ``steps`` steps. ``engine_args``: more of every engine's arguments (``device``)."""
     rows = []
     for name, path in models.items():
-        base = LLM(path, dtype="float32", kv_cache_memory=1 << 26)
+        base = LLM(path, dtype="float32", kv_cache_memory=1 << 26, **engine_args)
         vocab, cfg = base.engine.model_config.vocab_size, base.engine.model_config
         prompt = random_prompts(1, prompt_len, vocab, seed=0)[0]
         tokens, full = greedy_logits(base, prompt, steps)
         del base
         for config in ({"top_n": prompt_len + steps}, {"top_n": 1.0, "renormalize": False, "per_kv_head": True}):
-            mine_tokens, mine = greedy_logits(LLM(path, dtype="float32", kv_cache_memory=1 << 26, kv_method="kcache", kv_method_config=config),
-                                              prompt, steps)
+            mine_tokens, mine = greedy_logits(LLM(path, dtype="float32", kv_cache_memory=1 << 26, kv_method="kcache", kv_method_config=config,
+                                                  **engine_args), prompt, steps)
             rows.append({"model": name, "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads, "config": config,
                          "steps": steps, "max_abs_logit_diff": (mine - full).abs().max().item(), "same_tokens": mine_tokens == tokens})
     return rows
@@ -136,18 +136,18 @@ def memory(model: str, contexts: list[int], full_seqs: int) -> dict:
     return {"bytes_per_token": per_token, "batches": rows}
 
 
-def throughput(model: str, contexts: list[int], full_seqs: int, max_tokens: int, top_n: int, repeats: int) -> list[dict]:
+def throughput(model: str, contexts: list[int], full_seqs: int, max_tokens: int, top_n: int, repeats: int, **engine_args: object) -> list[dict]:
     """Decode throughput at each context (prompt + ``max_tokens`` = context) under the device budget of ``full_seqs``
     full-cache sequences: as many requests as the largest batch, so once all are prefilled they decode together; the
-    caches' runs interleaved, ``repeats`` times."""
+    caches' runs interleaved, ``repeats`` times. ``engine_args``: more of every engine's arguments (``device``)."""
     rows = []
     for context in contexts:
-        probe = LLM(model, dtype="float32", kv_cache_memory=1 << 20).engine
+        probe = LLM(model, dtype="float32", kv_cache_memory=1 << 20, **engine_args).engine
         budget, vocab = full_seqs * context * probe.memory_plan.bytes_per_token, probe.model_config.vocab_size
         del probe
         for rep in range(repeats):
             for name, kw in (("full cache", {}), (f"kcache N={top_n}", {"kv_method": "kcache", "kv_method_config": {"top_n": top_n}})):
-                llm = LLM(model, dtype="float32", kv_cache_memory=budget, enable_prefix_caching=False, **kw)
+                llm = LLM(model, dtype="float32", kv_cache_memory=budget, enable_prefix_caching=False, **engine_args, **kw)
                 plan = llm.engine.memory_plan
                 batch = min(g.num_blocks // blocks_needed(context, plan.block_size) for g in plan.groups)
                 prompts = random_prompts(batch, context - max_tokens, vocab, seed=rep)
@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full-seqs", type=int, default=4, help="the device budget: what this many full-cache sequences need")
     p.add_argument("--max-tokens", type=int, default=256, help="decoded per request in the throughput section")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="the engine's device in the exactness and throughput sections")
     p.add_argument("--json-out", type=Path)
     p.add_argument("--markdown-out", type=Path)
     p.add_argument("--plot-out", type=Path)
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             mha = build_random_checkpoint(Path(tmp) / "mha", hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                                           intermediate_size=256, vocab_size=512, tokenizer_vocab_size=512, max_position_embeddings=1024)
-            result["exactness"] = exactness({args.model: args.model, "random MHA Llama": str(mha)}, 256, 256)
+            result["exactness"] = exactness({args.model: args.model, "random MHA Llama": str(mha)}, 256, 256, device=args.device)
     if "error" in args.sections:
         result["error"] = error_vs_n(args.model, args.ns, 2048, 4, 32)
     if "accuracy" in args.sections:
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     if "memory" in args.sections:
         result["memory"] = memory(args.model, [1024, 2048, 4096], args.full_seqs)
     if "throughput" in args.sections:
-        result["throughput"] = throughput(args.model, [1024, 2048, 4096], args.full_seqs, args.max_tokens, args.equal_cost, args.repeats)
+        result["throughput"] = throughput(args.model, [1024, 2048, 4096], args.full_seqs, args.max_tokens, args.equal_cost, args.repeats, device=args.device)
     result["seconds"] = round(time.perf_counter() - started)
     write_report(result, report(result), args.json_out, args.markdown_out)
     if args.plot_out and "error" in result:

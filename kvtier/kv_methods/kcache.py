@@ -4,7 +4,8 @@ Every decode query scores all its keys exactly (q.K^T and the softmax over the w
 pool), keeps the N highest probabilities of each head and reads only those N rows of V, one batched gather from the
 host tier, for the weighted sum. Prefill is exact: its queries read V whole. Nothing is evicted, so a larger N or a
 later question can always recover what a smaller N missed; what KCache saves is device memory (V's half of every
-token, ``HostValueSpec``) and V traffic per step.
+token, ``HostValueSpec``) and V traffic per step. Beside a GPU, V sits in pinned host memory and the chosen rows are
+read in place over the bus by a GPU gather (``kvtier.cache.host_view``).
 
 The paper's body could not be read (../shared/methods/kcache.md), so its open choices are config keys: ``top_n`` (a
 count, or a fraction of the context; ``budget``, every method's key, is its alias), ``dense_layers`` (the first L
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvtier.cache.host_view import device_view
 from kvtier.errors import InvalidArgumentError
 from kvtier.kv_methods.base import DenseLayersConfig, KVMethod, KVMethodConfig
 
@@ -57,6 +59,10 @@ class KCache(KVMethod):
     reads_values = True
     config: KCacheConfig
 
+    def __init__(self, config: KCacheConfig) -> None:
+        super().__init__(config)
+        self._host_views: dict[int, torch.Tensor] = {}  # a GPU view of each pinned V pool, by address
+
     def layers(self, num_layers: int) -> range:
         return self.config.method_layers(num_layers)
 
@@ -84,9 +90,21 @@ class KCache(KVMethod):
             p = p.masked_fill(torch.arange(n, device=p.device) >= counts[:, None, None, None], 0.0)
             if self.config.renormalize:
                 p = p / p.sum(-1, keepdim=True)
-        v = flat.index_select(0, picked.flatten().to(flat.device)).to(probs.device).view(*picked.shape, -1)  # from the host tier
+        v = _gather_rows(flat, picked.flatten(), probs.device, self._host_views).view(*picked.shape, -1)  # from the host tier
         return (p.unsqueeze(-2) @ v.float()).squeeze(-2)  # [rows, kv_heads, group, 1, n] @ [rows, kv_heads, 1 or group, n, D]
 
     def rows_read(self, num_slots: int, num_tokens: int, block_size: int, group_size: int) -> tuple[int, int]:
         kept = self.config.kept(num_slots)
         return num_slots, num_slots if kept >= num_slots else kept * (1 if self.config.per_kv_head else group_size)
+
+
+def _gather_rows(flat: torch.Tensor, index: torch.Tensor, device: torch.device, views: dict[int, torch.Tensor]) -> torch.Tensor:
+    """``flat[index]`` on ``device``. V in pinned host memory beside a GPU: a GPU gather through a device view of the pool
+    (zero-copy, ``kvtier.cache.host_view``; one view per pool, kept in ``views``), reading only the chosen rows over the
+    bus."""
+    if device.type == "cuda" and flat.device.type == "cpu" and flat.is_pinned():
+        view = views.get(flat.data_ptr())
+        if view is None:
+            view = views[flat.data_ptr()] = device_view(flat, device)
+        return view.index_select(0, index.to(device))
+    return flat.index_select(0, index.to(flat.device)).to(device)
