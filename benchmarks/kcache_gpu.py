@@ -169,7 +169,7 @@ class Layer:
         they name in the flattened pool [B, kv_heads, group or 1, n]."""
         rows = rows or slice(0, self.batch)
         b, kv_heads, group, width = probs.shape
-        counts = method._counts(self.context_lens[rows])
+        counts = method.value_selection.counts(self.context_lens[rows])
         n = int(counts.max())
         score = probs.amax(2, keepdim=True) if method.config.per_kv_head else probs
         top = score.topk(n, dim=-1).indices

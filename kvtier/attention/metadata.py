@@ -130,11 +130,31 @@ class BlockSelection:
     mask: torch.Tensor  # [kv_heads, size, 1, chosen * block_size]
 
 
+@dataclass(frozen=True)
+class ValueSelection:
+    """A KV method's decode read said plainly, so that a backend can do it in its own kernel: every key scored, the
+    softmax over all of them, then only the ``budget`` most probable V rows read (a count, or a fraction of the
+    context), per query head or per KV head (by the group's highest probability), their probabilities renormalised
+    over the rows read or not. KCache's read (``kvtier.kv_methods.kcache``)."""
+
+    budget: int | float
+    per_kv_head: bool
+    renormalize: bool
+
+    def counts(self, context_lens: torch.Tensor) -> torch.Tensor:
+        """The V rows each decode row reads, [rows] int64."""
+        if isinstance(self.budget, float) and self.budget <= 1:
+            return (context_lens * self.budget).floor().long().clamp(min=1)
+        return context_lens.clamp(max=int(self.budget))
+
+
 class DecodeHooks(Protocol):
     """What a KV method does inside a decode step's attention, layer by layer (``kvtier.kv_methods.base.KVMethod``)."""
 
+    name: str
     observes_decode: bool
     reads_values: bool
+    value_selection: ValueSelection | None  # set where ``read_values`` is exactly this selection (and nothing else acts)
 
     def select_blocks(self, q: torch.Tensor, cache: LayerCache, group: DecodeGroup) -> BlockSelection | None: ...
 

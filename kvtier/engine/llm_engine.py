@@ -56,7 +56,7 @@ class LLMEngine:
         if not args.enable_chunked_prefill and budget < self.max_model_len:
             raise InvalidArgumentError("max_num_batched_tokens", f"must be >= max_model_len ({self.max_model_len}) without chunked prefill, got {budget}")
         method = self._kv_method()
-        self.attention = get_backend(args.attention_backend, self.device, method.name if method is not None and method.decode_hooks else None)
+        self.attention = get_backend(args.attention_backend, self.device, method if method is not None and method.decode_hooks else None)
         self.model = load_model(path, cfg, dtype, self.device, self.max_model_len, self.attention)
         self.attention.prepare(self.model, args.max_num_seqs)
         groups = kv_cache_groups(cfg, args.block_size, dtype, self._mamba_dtypes(dtype),

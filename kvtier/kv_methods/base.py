@@ -26,7 +26,7 @@ from typing import ClassVar
 
 import torch
 
-from kvtier.attention.metadata import BlockSelection, DecodeGroup
+from kvtier.attention.metadata import BlockSelection, DecodeGroup, ValueSelection
 from kvtier.cache.layer_cache import LayerCache
 from kvtier.cache.specs import MethodState
 from kvtier.errors import InvalidArgumentError
@@ -114,6 +114,7 @@ class KVMethod:
     decode_hooks: ClassVar[bool] = False  # acts inside decode attention (``select_blocks``, ``observe_decode``, ``read_values``)
     observes_decode: ClassVar[bool] = False
     reads_values: ClassVar[bool] = False  # computes the output from the probabilities itself (``read_values``)
+    value_selection: ValueSelection | None = None  # ``read_values`` as a plain Top-N read that a backend's kernel can do
 
     def __init__(self, config: KVMethodConfig) -> None:
         self.config = config

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvtier.attention.metadata import ValueSelection
 from kvtier.cache.host_view import device_view
 from kvtier.errors import InvalidArgumentError
 from kvtier.kv_methods.base import DenseLayersConfig, KVMethod, KVMethodConfig
@@ -61,23 +62,17 @@ class KCache(KVMethod):
 
     def __init__(self, config: KCacheConfig) -> None:
         super().__init__(config)
+        self.value_selection = ValueSelection(config.budget, config.per_kv_head, config.renormalize)
         self._host_views: dict[int, torch.Tensor] = {}  # a GPU view of each pinned V pool, by address
 
     def layers(self, num_layers: int) -> range:
         return self.config.method_layers(num_layers)
 
-    def _counts(self, context_lens: torch.Tensor) -> torch.Tensor:
-        """The V rows each decode row reads, [rows]: ``config.kept`` of its context."""
-        b = self.config.budget
-        if isinstance(b, float) and b <= 1:
-            return (context_lens * b).floor().long().clamp(min=1)
-        return context_lens.clamp(max=int(b))
-
     def read_values(self, probs: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
         rows, kv_heads, group, width = probs.shape
         flat = values.view(-1, values.shape[-1])  # [kv_heads * slots, D]: one gather serves every head
         base = torch.arange(kv_heads, device=slots.device)[:, None, None] * values.shape[1]
-        counts = self._counts(context_lens)
+        counts = self.value_selection.counts(context_lens)
         if bool((counts >= context_lens).all()):  # N covers every key: read V whole
             picked = slots[:, None, None, :] + base  # [rows, kv_heads, 1, width]
             p = probs

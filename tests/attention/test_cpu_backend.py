@@ -10,10 +10,11 @@ import types
 import pytest
 import torch
 
-from kvtier import LLM
+from kvtier import LLM, SamplingParams
 from kvtier.attention.cpu import CpuPagedBackend
 from kvtier.attention.metadata import DecodeGroup
 from kvtier.attention.paged import decode_attention
+from kvtier.kv_methods.kcache import KCache, KCacheConfig
 
 
 @pytest.mark.parametrize("heads, kv_heads, dim, window", [(8, 4, 64, None), (4, 4, 32, None), (6, 1, 48, None), (8, 2, 20, 37)])
@@ -41,12 +42,21 @@ def test_kernel_matches_the_reference_decode(heads, kv_heads, dim, window):
     assert (mine_ref.double() - want).abs().max().item() <= 1e-5
 
 
-def test_auto_picks_the_kernel_and_a_decode_method_keeps_the_reference(llama_dir, caplog):
-    assert LLM(str(llama_dir), kv_cache_memory=1 << 22).engine.attention.name == "cpu"
-    with caplog.at_level(logging.WARNING, logger="kvtier.attention.registry"):
-        llm = LLM(str(llama_dir), kv_cache_memory=1 << 22, attention_backend="cpu", kv_method="quest", kv_method_config={"budget": 32})
-    assert llm.engine.attention.name == "paged"
-    assert "'quest' acts inside decode attention" in caplog.text and "reference backend 'paged'" in caplog.text
+def test_auto_picks_the_kernel_and_a_decode_method_keeps_the_reference_decode(llama_dir, caplog):
+    """A KV method acting inside decode attention keeps the native model (packed linears, fused kernels) and runs every
+    decode on the reference path, and says so; its greedy tokens are those of the reference backend."""
+    assert LLM(str(llama_dir), kv_cache_memory=1 << 22).engine.attention.decode_kernel
+    quest = {"kv_cache_memory": 1 << 22, "kv_method": "quest", "kv_method_config": {"budget": 32}}
+    with caplog.at_level(logging.INFO, logger="kvtier.attention.registry"):
+        llm = LLM(str(llama_dir), attention_backend="cpu", **quest)
+    backend = llm.engine.attention
+    assert backend.name == "cpu" and not backend.decode_kernel and backend.decode_groups_by_length
+    assert "'quest' acts inside decode attention, so decode attention runs on the reference path" in caplog.text
+    backend.kernels = types.SimpleNamespace(paged_decode=lambda *a: pytest.fail("the decode kernel ran beside a decode-hook method"))
+    prompt, params = {"prompt_token_ids": list(range(5, 90))}, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    tokens = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+    reference = LLM(str(llama_dir), attention_backend="paged", **quest).generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+    assert tokens == reference
 
 
 def test_without_a_compiler_the_engine_runs_on_the_reference_backend_and_says_why(llama_dir, tmp_path):
@@ -63,3 +73,28 @@ def test_without_a_compiler_the_engine_runs_on_the_reference_backend_and_says_wh
     assert run.returncode == 0, run.stderr
     assert "backend paged" in run.stdout and "tokens 3" in run.stdout
     assert "'cpu' cannot serve here (the C++ kernels did not build" in run.stderr and "reference backend 'paged'" in run.stderr
+
+
+@pytest.mark.parametrize("config", [{"top_n": 5}, {"top_n": 0.25, "renormalize": False}, {"top_n": 7, "per_kv_head": True},
+                                    {"top_n": 3, "per_kv_head": True, "renormalize": False}, {"top_n": 1000}])
+def test_kernel_does_kcaches_top_n_read_as_the_reference(config):
+    """KCache's read in the kernel (every key scored, only the Top-N V rows read: per query head or per KV head,
+    renormalised or not, N above the context too) against the reference path's ``read_values`` on the same cache."""
+    g = torch.Generator().manual_seed(len(str(config)))
+    heads, kv_heads, dim, bs, rows = 8, 2, 24, 16, 6
+    lens = torch.randint(2, 120, (rows,), generator=g)
+    width = int(((lens + bs - 1) // bs).max())
+    k = torch.randn(kv_heads, (rows * width + 1) * bs, dim, generator=g)
+    v = torch.randn(kv_heads, (rows * width + 1) * bs, dim, generator=g)
+    tables = (torch.randperm(rows * width, generator=g) + 1).view(rows, width)
+    for r in range(rows):
+        tables[r, int((lens[r] + bs - 1) // bs):] = 0
+    group = DecodeGroup(0, tables.flatten(), lens, lens - 1, bs, None, None)
+    q = torch.randn(rows, heads, dim, generator=g) * 2
+    cache = types.SimpleNamespace(k=k, v=v)
+    method = KCache(KCacheConfig(**config))
+    want = decode_attention(q, cache, group, dim**-0.5, hooks=method)
+    got = CpuPagedBackend().decode(q, cache, group, dim**-0.5, hooks=method)
+    assert (got - want).abs().max().item() <= 1e-5
+    if config["top_n"] < 100:  # the read really is sparse: all the values differ
+        assert (got - CpuPagedBackend().decode(q, cache, group, dim**-0.5)).abs().max().item() > 1e-3

@@ -1,7 +1,8 @@
 // Paged decode attention on the CPU: one query per sequence reads its keys and values where they lie in the paged
 // cache, through its block table, without gathering them into a new tensor. One work item per (sequence, KV head):
 // the query heads that share the KV head score each key as it is read (fp32, vectorised over the head dimension),
-// then the softmax, then the weighted sum of the values. Compiled on first use by kvtier/attention/native.py.
+// then the softmax, then the weighted sum of the values: all of them, or only the Top-N most probable (KCache). Compiled
+// on first use by kvtier/kernels/loader.py.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -9,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <numeric>
 #include <vector>
 
 using Vec = at::vec::Vectorized<float>;
@@ -67,11 +69,44 @@ static inline void axpy(float p, const float* x, float* y, int64_t n) {  // y +=
   for (; d < n; ++d) y[d] += p * x[d];
 }
 
+// The ``count`` keys of highest ``score`` among n, ascending (ascending positions read V in order)
+static void top_keys(const float* score, int64_t n, int64_t count, std::vector<int64_t>& keys) {
+  keys.resize(n);
+  std::iota(keys.begin(), keys.end(), 0);
+  std::nth_element(keys.begin(), keys.begin() + (count - 1), keys.end(), [&](int64_t a, int64_t b) { return score[a] > score[b]; });
+  keys.resize(count);
+  std::sort(keys.begin(), keys.end());
+}
+
+// out[g] += sum over ``keys`` of p[g][i] v_i (divided by the sum of those p where ``renormalize``), for the ``heads``
+// query heads whose probabilities are rows of ``probs`` (n apart); the V rows read once for all of them
+template <typename Row>
+static void weighted_sum(const float* probs, int64_t n, int64_t heads, const std::vector<int64_t>& keys, bool renormalize, Row row,
+                         float* out, int64_t D) {
+  float inv[16];
+  for (int64_t g = 0; g < heads; ++g) {
+    float total = 0.f;
+    if (renormalize)
+      for (int64_t i : keys) total += probs[g * n + i];
+    inv[g] = renormalize && total > 0.f ? 1.f / total : 1.f;
+  }
+  const int64_t m = static_cast<int64_t>(keys.size());
+  for (int64_t j = 0; j < m; ++j) {
+    if (j + kPrefetch < m) prefetch_row(row(keys[j + kPrefetch]), D);
+    const float* value = row(keys[j]);
+    for (int64_t g = 0; g < heads; ++g) axpy(probs[g * n + keys[j]] * inv[g], value, out + g * D, D);
+  }
+}
+
 // q [B, H, D]; k_cache, v_cache [Hkv, slots, D]; block_tables [B, W] (int64, padded); context_lens [B]: keys each row
 // sees counted from position 0; key_starts [B]: the position of each table's first key (0 unless a sliding window cut
 // the table's front); window: the sliding window, or 0 for none. Returns [B, H, D].
+// top_n [B] (int64; empty for all keys): KCache's read, every key scored and only the top_n[b] most probable V rows read,
+// per query head, or per KV head by the group's highest probability (``per_kv_head``), their probabilities renormalised
+// over the rows read or not.
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_tables,
-                           torch::Tensor context_lens, torch::Tensor key_starts, int64_t block_size, int64_t window, double scale) {
+                           torch::Tensor context_lens, torch::Tensor key_starts, int64_t block_size, int64_t window, double scale,
+                           torch::Tensor top_n, bool per_kv_head, bool renormalize) {
   TORCH_CHECK(q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat,
               "paged_decode: fp32 only");
   q = q.contiguous();
@@ -81,6 +116,11 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_decode: the cache must be contiguous");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_cache.size(0), slots = k_cache.size(1);
   const int64_t W = block_tables.size(1), group = H / Hkv;
+  const bool selects = top_n.numel() > 0;
+  TORCH_CHECK(!selects || (top_n.scalar_type() == at::kLong && top_n.numel() == B && window == 0 && group <= 16),
+              "paged_decode: top_n must be int64 [batch], without a sliding window, at most 16 query heads per KV head");
+  top_n = top_n.contiguous();
+  const int64_t* topn = selects ? top_n.data_ptr<int64_t>() : nullptr;
   auto out = torch::zeros_like(q);
   const float* qp = q.data_ptr<float>();
   const float* kp = k_cache.data_ptr<float>();
@@ -100,7 +140,8 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   // rows come sorted by length, so equal item counts would leave one thread the long rows: split by keys read instead
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B * Hkv));
   at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
-    std::vector<float> scores, dots, qs(group * D);
+    std::vector<float> scores, dots, qs(group * D), best;
+    std::vector<int64_t> keys;
     for (int64_t part = part_begin; part < part_end; ++part) {
       const int64_t total = cost[B] * Hkv;
       for (int64_t item = 0; item < B * Hkv; ++item) {
@@ -128,10 +169,25 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
           softmax(sg, n);
         }
         float* oh = op + (b * H + h * group) * D;
-        for (int64_t i = 0; i < n; ++i) {
-          if (i + kPrefetch < n) prefetch_row(row(head_v, i + kPrefetch), D);
-          const float* value = row(head_v, i);
-          for (int64_t g = 0; g < group; ++g) axpy(scores[g * n + i], value, oh + g * D, D);
+        auto value_row = [&](int64_t i) { return row(head_v, i); };
+        const int64_t kept = selects ? std::max<int64_t>(1, std::min(n, topn[b])) : n;
+        if (kept == n) {
+          for (int64_t i = 0; i < n; ++i) {
+            if (i + kPrefetch < n) prefetch_row(value_row(i + kPrefetch), D);
+            const float* value = value_row(i);
+            for (int64_t g = 0; g < group; ++g) axpy(scores[g * n + i], value, oh + g * D, D);
+          }
+        } else if (per_kv_head) {  // one set of rows for the group, by its highest probability per key
+          best.assign(scores.begin(), scores.begin() + n);
+          for (int64_t g = 1; g < group; ++g)
+            for (int64_t i = 0; i < n; ++i) best[i] = std::max(best[i], scores[g * n + i]);
+          top_keys(best.data(), n, kept, keys);
+          weighted_sum(scores.data(), n, group, keys, renormalize, value_row, oh, D);
+        } else {
+          for (int64_t g = 0; g < group; ++g) {
+            top_keys(scores.data() + g * n, n, kept, keys);
+            weighted_sum(scores.data() + g * n, n, 1, keys, renormalize, value_row, oh + g * D, D);
+          }
         }
       }
     }
