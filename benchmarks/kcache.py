@@ -10,7 +10,9 @@
 - dense: KCache (per query head and per KV head) and Quest at that N with their first ``--dense-layers`` layers dense, as
   Quest's own evaluation runs (H2O evicts in every layer, so its accuracy section's figure stands);
 - memory: device and host bytes per token, and the largest batch a fixed device budget holds at 1K, 2K and 4K;
-- throughput: decode tokens/s vs context under that budget, the full cache and KCache each at their largest batch.
+- throughput: decode tokens/s vs context under that budget, the full cache and KCache each at their largest batch;
+- kernel: what bounds that throughput on a CPU, one layer's decode attention at 4K through the ``cpu`` backend's kernel
+  (kvtier-tiny's shape, blocks scattered): the full cache and KCache at several N, at the two caches' batches.
 
     python benchmarks/kcache.py --json-out benchmarks/results/kcache-cpu.json --markdown-out benchmarks/results/kcache-cpu.md \\
         --plot-out benchmarks/results/kcache-cpu.png
@@ -19,6 +21,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import tempfile
@@ -37,7 +40,7 @@ from kvtier.machine import machine_line
 from kvtier.models.checkpoint_builder import build_random_checkpoint
 from kvtier.sampling.logits_processors import RecordLogits
 
-SECTIONS = ("exactness", "error", "accuracy", "ablation", "dense", "memory", "throughput")
+SECTIONS = ("exactness", "error", "accuracy", "ablation", "dense", "memory", "throughput", "kernel")
 ABLATIONS = ({}, {"renormalize": False}, {"per_kv_head": True}, {"dense_layers": 1}, {"dense_layers": 2})
 
 
@@ -157,6 +160,37 @@ def throughput(model: str, contexts: list[int], full_seqs: int, max_tokens: int,
     return rows
 
 
+def kernel(model: str, context: int, batches: tuple[int, ...], ns: tuple[int, ...], repeats: int = 30) -> list[dict]:
+    """Milliseconds per call of the ``cpu`` backend's decode kernel for one layer: every row at ``context`` keys in
+    shuffled blocks, the full cache and KCache at each N (N = 1 is the K pass alone: scores and softmax)."""
+    from types import SimpleNamespace
+
+    from kvtier.attention.cpu import CpuPagedBackend
+    from kvtier.attention.metadata import DecodeGroup
+    from kvtier.kv_methods.kcache import KCache, KCacheConfig
+
+    cfg = LLM(model, dtype="float32", kv_cache_memory=1 << 20).engine.model_config
+    backend, bs, g = CpuPagedBackend(), 16, torch.Generator().manual_seed(0)
+    heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    rows = []
+    for batch in batches:
+        width = context // bs
+        k, v = (torch.randn(kv_heads, (batch * width + 1) * bs, dim, generator=g) for _ in range(2))
+        lens = torch.full((batch,), context)
+        group = DecodeGroup(0, (torch.randperm(batch * width, generator=g) + 1), lens, lens - 1, bs, None, None)
+        cache, q = SimpleNamespace(k=k, v=v), torch.randn(batch, heads, dim, generator=g)
+        for name, hooks in [("full cache", None)] + [(f"kcache N={n}", KCache(KCacheConfig(top_n=n))) for n in ns]:
+            call = functools.partial(backend.decode, q, cache, group, dim**-0.5, hooks=hooks)
+            call()
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - start)
+            rows.append({"context": context, "batch": batch, "cache": name, "ms": round(1e3 * statistics.median(times), 3)})
+    return rows
+
+
 def report(result: dict) -> str:
     lines = [f"KCache on {result['model']} (fp32); {result['machine']}", ""]
     if "exactness" in result:
@@ -203,6 +237,11 @@ def report(result: dict) -> str:
             for name, rs in by_cache.items():
                 lines.append(f"| {context} | {name} | {rs[0]['largest_batch']} | {rs[0]['peak_decoding']} | {med[name]} | "
                              f"{med[name] / med['full cache']:.2f} |")
+    if "kernel" in result:
+        full = {r["batch"]: r["ms"] for r in result["kernel"] if r["cache"] == "full cache"}
+        lines += ["", "One layer's decode attention in the `cpu` kernel (ms a call, median; N = 1: the K pass alone):", "",
+                  "| context | batch | cache | ms | x full at that batch |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['context']} | {r['batch']} | {r['cache']} | {r['ms']} | {r['ms'] / full[r['batch']]:.2f} |" for r in result["kernel"]]
     return "\n".join(lines)
 
 
@@ -280,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         result["memory"] = memory(args.model, [1024, 2048, 4096], args.full_seqs)
     if "throughput" in args.sections:
         result["throughput"] = throughput(args.model, [1024, 2048, 4096], args.full_seqs, args.max_tokens, args.equal_cost, args.repeats, device=args.device)
+    if "kernel" in args.sections:
+        result["kernel"] = kernel(args.model, 4096, (4, 8), (1, 64, 256))
     result["seconds"] = round(time.perf_counter() - started)
     write_report(result, report(result), args.json_out, args.markdown_out)
     if args.plot_out and "error" in result:

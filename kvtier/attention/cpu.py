@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 
 from kvtier.attention.metadata import DecodeGroup, DecodeHooks
-from kvtier.kernels.loader import load_kernels
 from kvtier.attention.paged import PagedAttentionBackend
 from kvtier.cache.layer_cache import LayerCache
+from kvtier.kernels.loader import load_kernels
 from kvtier.models.fused_ops import fuse_elementwise
 from kvtier.models.packed_linear import pack_linears
 

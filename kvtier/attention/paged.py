@@ -69,8 +69,8 @@ def decode_attention(q: torch.Tensor, cache: LayerCache, group: DecodeGroup, sca
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     """One chunk's attention over its context: q [Lq, H, D], k/v [Hkv, L, D], mask [Lq, L] (None: causal, Lq = L) ->
-    [Lq, H, D]. SDPA on 4-D views with ``enable_gqa`` (no K/V repeat) runs torch's blocked flash kernel on CPU: 0.7x the
-    time of an explicit matmul and masked softmax at 83 to 512 tokens and 0.17x at 2,048, fp32, and it never holds the
+    [Lq, H, D]. SDPA on 4-D views with ``enable_gqa`` (no K/V repeat) runs torch's blocked flash kernel on CPU: 0.16x to
+    0.88x the time of an explicit matmul and masked softmax (benchmarks/prefill_attention.py), and it never holds the
     whole score matrix."""
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask, is_causal=mask is None, scale=scale,
                                          enable_gqa=True)

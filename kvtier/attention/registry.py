@@ -3,8 +3,8 @@
 ``paged`` is the reference (matmuls on gathered blocks, any device and dtype, every KV method); ``cpu`` adds the C++
 decode kernel (which also does KCache's Top-N read), packed linears and fused elementwise kernels. ``auto``, the
 default, takes ``cpu`` on a CPU and ``paged`` elsewhere. Another KV method that acts inside decode attention keeps
-``cpu``'s model but its decode attention runs on the reference path, and a ``cpu`` that cannot serve (no compiler, a GPU) falls back to ``paged``: each with a log
-line that says so.
+``cpu``'s model but its decode attention runs on the reference path, and a ``cpu`` that cannot serve (no compiler, a
+GPU) falls back to ``paged``: each with a log line that says so.
 """
 
 from __future__ import annotations

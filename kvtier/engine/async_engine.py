@@ -15,8 +15,8 @@ import queue
 import threading
 from collections.abc import Callable
 
-from kvtier.engine.input_processor import EngineInput, PromptInput
 from kvtier.config import EngineArgs
+from kvtier.engine.input_processor import EngineInput, PromptInput
 from kvtier.engine.llm_engine import LLMEngine
 from kvtier.engine.metrics import engine_metrics
 from kvtier.errors import KvtierError

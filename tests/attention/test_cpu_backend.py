@@ -66,8 +66,13 @@ def test_without_a_compiler_the_engine_runs_on_the_reference_backend_and_says_wh
     import subprocess
     import sys
 
-    code = (f"from kvtier import LLM\nllm = LLM({str(llama_dir)!r}, kv_cache_memory=1 << 22)\nprint('backend', llm.engine.attention.name)\n"
-            "from kvtier import SamplingParams\nout = llm.generate({'prompt_token_ids': [5, 6, 7]}, SamplingParams(max_tokens=3), use_tqdm=False)[0]\nprint('tokens', len(out.outputs[0].token_ids))")
+    code = "\n".join([
+        "from kvtier import LLM, SamplingParams",
+        f"llm = LLM({str(llama_dir)!r}, kv_cache_memory=1 << 22)",
+        "print('backend', llm.engine.attention.name)",
+        "out = llm.generate({'prompt_token_ids': [5, 6, 7]}, SamplingParams(max_tokens=3), use_tqdm=False)[0]",
+        "print('tokens', len(out.outputs[0].token_ids))",
+    ])
     env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "KVTIER_EXTENSIONS_DIR": str(tmp_path / "ext")}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr

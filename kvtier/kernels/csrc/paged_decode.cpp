@@ -10,7 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <numeric>
+#include <utility>
 #include <vector>
 
 using Vec = at::vec::Vectorized<float>;
@@ -69,12 +69,23 @@ static inline void axpy(float p, const float* x, float* y, int64_t n) {  // y +=
   for (; d < n; ++d) y[d] += p * x[d];
 }
 
-// The ``count`` keys of highest ``score`` among n, ascending (ascending positions read V in order)
-static void top_keys(const float* score, int64_t n, int64_t count, std::vector<int64_t>& keys) {
-  keys.resize(n);
-  std::iota(keys.begin(), keys.end(), 0);
-  std::nth_element(keys.begin(), keys.begin() + (count - 1), keys.end(), [&](int64_t a, int64_t b) { return score[a] > score[b]; });
+// The ``count`` keys of highest ``score`` among n, ascending (ascending positions read V in order). One pass with a
+// min-heap of the best so far: most keys lose to the heap's smallest at one comparison.
+static void top_keys(const float* score, int64_t n, int64_t count, std::vector<int64_t>& keys, std::vector<std::pair<float, int64_t>>& heap) {
+  const auto worse = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) { return a.first > b.first; };
+  heap.clear();
+  for (int64_t i = 0; i < n; ++i) {
+    if (static_cast<int64_t>(heap.size()) < count) {
+      heap.emplace_back(score[i], i);
+      std::push_heap(heap.begin(), heap.end(), worse);
+    } else if (score[i] > heap.front().first) {
+      std::pop_heap(heap.begin(), heap.end(), worse);
+      heap.back() = {score[i], i};
+      std::push_heap(heap.begin(), heap.end(), worse);
+    }
+  }
   keys.resize(count);
+  for (int64_t j = 0; j < count; ++j) keys[j] = heap[j].second;
   std::sort(keys.begin(), keys.end());
 }
 
@@ -142,6 +153,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
     std::vector<float> scores, dots, qs(group * D), best;
     std::vector<int64_t> keys;
+    std::vector<std::pair<float, int64_t>> heap;
     for (int64_t part = part_begin; part < part_end; ++part) {
       const int64_t total = cost[B] * Hkv;
       for (int64_t item = 0; item < B * Hkv; ++item) {
@@ -181,11 +193,11 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
           best.assign(scores.begin(), scores.begin() + n);
           for (int64_t g = 1; g < group; ++g)
             for (int64_t i = 0; i < n; ++i) best[i] = std::max(best[i], scores[g * n + i]);
-          top_keys(best.data(), n, kept, keys);
+          top_keys(best.data(), n, kept, keys, heap);
           weighted_sum(scores.data(), n, group, keys, renormalize, value_row, oh, D);
         } else {
           for (int64_t g = 0; g < group; ++g) {
-            top_keys(scores.data() + g * n, n, kept, keys);
+            top_keys(scores.data() + g * n, n, kept, keys, heap);
             weighted_sum(scores.data() + g * n, n, 1, keys, renormalize, value_row, oh + g * D, D);
           }
         }
