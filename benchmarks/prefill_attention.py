@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import time
 from pathlib import Path
 
 import torch
+from decode_kernel import best_ms
 
 from kvtier.attention.paged import prefill_attention
 from kvtier.machine import machine_line
@@ -29,16 +29,6 @@ def matmul_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     probs = scores.masked_fill_(~mask, float("-inf")).softmax(-1)
     out = torch.bmm(probs.view(kv_heads, group * lq, -1), v)
     return out.view(kv_heads, group, lq, dim).permute(2, 0, 1, 3).reshape(lq, heads, dim)
-
-
-def best_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
 
 
 def main(argv: list[str] | None = None) -> None:
