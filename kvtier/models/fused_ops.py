@@ -5,6 +5,7 @@ inputs the kernels do not take (not fp32, not on the CPU), so the result is the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -34,7 +35,7 @@ class NativeRotaryEmbedding(RotaryEmbedding):
     """Rotates q and k in place (they are views into the fused qkv projection's fresh output)."""
 
     def __init__(self, rotary: RotaryEmbedding, kernels: ModuleType) -> None:
-        nn.Module.__init__(self)
+        nn.Module.__init__(self)  # the tables are the replaced module's, not computed again
         self.rotary_dim = rotary.rotary_dim
         self.register_buffer("cos", rotary.cos, persistent=False)
         self.register_buffer("sin", rotary.sin, persistent=False)
@@ -47,7 +48,7 @@ class NativeRotaryEmbedding(RotaryEmbedding):
         return super().forward(positions, q, k)
 
 
-def _native_silu_and_mul(kernels: ModuleType, reference):
+def _native_silu_and_mul(kernels: ModuleType, reference: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
     def act_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         return kernels.silu_and_mul(gate_up) if _native(gate_up) and gate_up.dim() == 2 else reference(gate_up)
 
