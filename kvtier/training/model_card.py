@@ -149,7 +149,7 @@ def _initialisation(name: str, config: dict) -> str:
             "everything is then trained")
 
 
-def write_card(folder: Path, name: str, description: str, results: dict, training: dict, machine: str, command: str, eval_command: str) -> Path:
+def write_card(folder: Path, name: str, description: str, results: dict, training: dict, evaluated_on: str, command: str, eval_command: str) -> Path:
     config = json.loads((folder / "config.json").read_text())
     from safetensors import safe_open
 
@@ -181,7 +181,8 @@ tags: [kvtier, tiny, python-code, long-context-retrieval]
 | tokenizer | byte-level BPE, {config['vocab_size']} tokens, digits split one per token, trained on the training split |
 | training | {training['steps']} steps ({_stages(training)}) = {training['tokens'] / 1e6:.1f} M tokens in {training['train_seconds'] / 60:.1f} min |
 | initialisation | {_initialisation(name, config)} |
-| machine | {machine} |
+| trained on | {training.get('machine', 'not recorded (trained before the log kept it)')} |
+| card written on | {evaluated_on} (earlier evaluation cells may come from other runs) |
 
 ## Data
 

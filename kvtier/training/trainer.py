@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -18,6 +19,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tqdm import tqdm
 
 from kvtier.eval.probe import induction_accuracy, run_probe
+from kvtier.machine import machine_line
 from kvtier.training.bpe import BOS_ID, EOS_ID, PAD_ID, tokenizer_config, train_bpe
 from kvtier.training.circuit_init import seed_circuit
 from kvtier.training.corpus import read_texts, split_corpus
@@ -112,7 +114,7 @@ def train(recipe: Recipe, out_dir: Path, work_dir: Path, seed: int = 0, steps: i
     save(model, tok, recipe, out_dir)
     summary = {"recipe": recipe.name, "seed": seed, "steps": steps, "stages": [asdict(s) for s in recipe.stages], "seq_len": recipe.seq_len,
                "mix": asdict(recipe.mix), "tokens": recipe.tokens(steps),
-               "train_seconds": time.perf_counter() - start, "log": log}
+               "train_seconds": time.perf_counter() - start, "machine": f"{machine_line()}; Python {platform.python_version()}", "log": log}
     (out_dir / "training_log.json").write_text(json.dumps(summary) + "\n", encoding="utf-8")
     plot_loss(log, out_dir / "loss_curve.png", recipe.name)
     return summary
