@@ -2,15 +2,19 @@
 
 - exactness: N >= the context gives the full cache's logits and greedy tokens (kvtier-tiny: GQA; a random MHA Llama);
 - error vs N: along the full cache's path, the attention mass the Top-N captures and the relative L2 error of the
-  attention output (renormalised and truncated), per layer, over held-out text at 2K;
+  attention output (renormalised, truncated, and with the residual's block means), per layer, over held-out text at 2K;
 - accuracy: passkey and multi-key needles through ``kvtier eval``: full cache, KCache at several N, and Quest and H2O
   reading the same number of V rows per KV head;
 - ablation: the same samples at N = ``--equal-cost`` with probabilities truncated, per-KV-head Top-N, and the first one
   or two layers dense;
 - dense: KCache (per query head and per KV head) and Quest at that N with their first ``--dense-layers`` layers dense, as
   Quest's own evaluation runs (H2O evicts in every layer, so its accuracy section's figure stands);
-- memory: device and host bytes per token, and the largest batch a fixed device budget holds at 1K, 2K and 4K;
-- throughput: decode tokens/s vs context under that budget, the full cache and KCache each at their largest batch;
+- residual: every layer sparse, KCache at that N plain and with ``residual`` (the missing mass to each block's mean
+  value), per query head and per KV head, beside Quest and H2O at that N, on the same samples;
+- memory: device and host bytes per token (a block's own rows, such as the residual's V sum, spread over its tokens), and
+  the largest batch a fixed device budget holds at 1K, 2K and 4K;
+- throughput: decode tokens/s vs context under that budget, the full cache and KCache (plain and with the residual)
+  each at their largest batch;
 - kernel: what bounds that throughput on a CPU, one layer's decode attention at 4K through the ``cpu`` backend's kernel
   (kvtier-tiny's shape, blocks scattered): the full cache and KCache at several N, at the two caches' batches.
 
@@ -33,6 +37,7 @@ from report_io import eval_sections, write_report
 from sliding_window import peak_decoding, random_prompts
 
 from kvtier import LLM, SamplingParams
+from kvtier.cache.layer_cache import LayerCache
 from kvtier.cache.specs import blocks_needed
 from kvtier.eval.agreement import text_windows
 from kvtier.eval.harness import markdown_table, run_eval
@@ -40,7 +45,7 @@ from kvtier.machine import machine_line
 from kvtier.models.checkpoint_builder import build_random_checkpoint
 from kvtier.sampling.logits_processors import RecordLogits
 
-SECTIONS = ("exactness", "error", "accuracy", "ablation", "dense", "memory", "throughput", "kernel")
+SECTIONS = ("exactness", "error", "accuracy", "ablation", "dense", "residual", "memory", "throughput", "kernel")
 ABLATIONS = ({}, {"renormalize": False}, {"per_kv_head": True}, {"dense_layers": 1}, {"dense_layers": 2})
 
 
@@ -71,20 +76,23 @@ def exactness(models: dict[str, str], prompt_len: int, steps: int, **engine_args
 
 class Recorder:
     """Stands in for KCache's decode hook: reads V whole (so the run follows the full cache), and measures what each N
-    would have given: the captured mass and the relative L2 error of the output, renormalised and truncated."""
+    would have given: the captured mass and the relative L2 error of the output, renormalised, truncated, and with the
+    residual (the mass not read, block by block, times the block's mean value)."""
 
     observes_decode = False
     reads_values = True
+    value_selection = None  # not a plain Top-N read: a kernel cannot stand in for it
 
     def __init__(self, ns: list[int], num_layers: int) -> None:
         self.ns, self.num_layers = ns, num_layers
         self.calls = 0
-        self.sums = {(n, layer, key): 0.0 for n in ns for layer in range(num_layers) for key in ("mass", "renorm", "trunc", "count")}
+        self.sums = {(n, layer, key): 0.0 for n in ns for layer in range(num_layers) for key in ("mass", "renorm", "trunc", "resid", "count")}
 
     def select_blocks(self, q, cache, group):
         return None
 
-    def read_values(self, probs: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+    def read_values(self, probs: torch.Tensor, cache: LayerCache, slots: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+        values = cache.v
         layer = self.calls % self.num_layers  # one call per layer, in order (one sequence decoding)
         self.calls += 1
         rows, kv_heads, group, width = probs.shape
@@ -92,6 +100,12 @@ class Recorder:
         p = probs.double()
         dense = p @ v  # [rows, kv_heads, group, D]
         norm = dense.norm(dim=-1)
+        bs = values.shape[1] // cache.value_sums.shape[1] if cache.value_sums is not None else 16
+        block = torch.arange(width, device=p.device) // bs
+        visible = (torch.arange(width, device=p.device) < context_lens[:, None]).double()  # [rows, width]
+        tokens = torch.zeros(rows, int(block[-1]) + 1, dtype=p.dtype).index_add_(1, block, visible)  # [rows, blocks]
+        means = torch.zeros(rows, kv_heads, tokens.shape[1], v.shape[-1], dtype=p.dtype).index_add_(2, block, v * visible[:, None, :, None])
+        means = means / tokens.clamp(min=1)[:, None, :, None]  # each block's mean value [rows, kv_heads, blocks, D]
         for n in self.ns:
             top = p.topk(min(n, width), -1)
             mass = top.values.sum(-1)  # [rows, kv_heads, group]
@@ -99,10 +113,13 @@ class Recorder:
             picked = v[:, :, None].expand(-1, -1, group, -1, -1).gather(3, index)  # [rows, kv_heads, group, n, D]
             trunc = (top.values.unsqueeze(-2) @ picked).squeeze(-2)
             renorm = trunc / mass[..., None]
+            missing = torch.zeros(*p.shape[:3], tokens.shape[1], dtype=p.dtype).index_add_(3, block, p.scatter(-1, top.indices, 0.0))
+            resid = trunc + missing @ means
             s = self.sums
             s[(n, layer, "mass")] += mass.sum().item()
             s[(n, layer, "renorm")] += ((renorm - dense).norm(dim=-1) / norm).sum().item()
             s[(n, layer, "trunc")] += ((trunc - dense).norm(dim=-1) / norm).sum().item()
+            s[(n, layer, "resid")] += ((resid - dense).norm(dim=-1) / norm).sum().item()
             s[(n, layer, "count")] += mass.numel()
         return dense.float()
 
@@ -117,15 +134,17 @@ def error_vs_n(model: str, ns: list[int], context: int, windows: int, steps: int
     s = recorder.sums
     return [{"n": n, "layer": layer, "captured_mass": s[(n, layer, "mass")] / s[(n, layer, "count")],
              "rel_err_renormalized": s[(n, layer, "renorm")] / s[(n, layer, "count")],
-             "rel_err_truncated": s[(n, layer, "trunc")] / s[(n, layer, "count")]} for n in ns for layer in range(cfg.num_hidden_layers)]
+             "rel_err_truncated": s[(n, layer, "trunc")] / s[(n, layer, "count")],
+             "rel_err_residual": s[(n, layer, "resid")] / s[(n, layer, "count")]} for n in ns for layer in range(cfg.num_hidden_layers)]
 
 
 def memory(model: str, contexts: list[int], full_seqs: int) -> dict:
-    """Bytes per token by the engine's accounting, and the largest batch of ``context``-token sequences the device budget of
-    ``full_seqs`` full-cache sequences holds, for the full cache and KCache with 0, 1 and 2 dense layers."""
+    """Bytes per token by the engine's accounting (a block's device bytes over its tokens), and the largest batch of
+    ``context``-token sequences the device budget of ``full_seqs`` full-cache sequences holds, for the full cache and
+    KCache with 0, 1 and 2 dense layers and with the residual."""
     per_token = {}
     rows = []
-    configs = {"full cache": None, **{f"kcache, {d} dense": {"dense_layers": d} for d in (0, 1, 2)}}
+    configs = {"full cache": None, **{f"kcache, {d} dense": {"dense_layers": d} for d in (0, 1, 2)}, "kcache, residual": {"residual": True}}
     for context in contexts:
         budget = None
         for name, config in configs.items():
@@ -133,7 +152,7 @@ def memory(model: str, contexts: list[int], full_seqs: int) -> dict:
             probe = LLM(model, dtype="float32", kv_cache_memory=1 << 20, **kw).engine.memory_plan
             budget = budget or full_seqs * context * probe.bytes_per_token
             plan = LLM(model, dtype="float32", kv_cache_memory=budget, **kw).engine.memory_plan
-            per_token[name] = {"device": plan.bytes_per_token, "host": plan.tier_bytes_per_token}
+            per_token[name] = {"device": sum(g.bytes_per_block for g in plan.groups) // plan.block_size, "host": plan.tier_bytes_per_token}
             batch = min(g.num_blocks // blocks_needed(context, plan.block_size) for g in plan.groups)
             rows.append({"context": context, "cache": name, "device_budget": budget, "largest_batch": batch})
     return {"bytes_per_token": per_token, "batches": rows}
@@ -141,15 +160,17 @@ def memory(model: str, contexts: list[int], full_seqs: int) -> dict:
 
 def throughput(model: str, contexts: list[int], full_seqs: int, max_tokens: int, top_n: int, repeats: int, **engine_args: object) -> list[dict]:
     """Decode throughput at each context (prompt + ``max_tokens`` = context) under the device budget of ``full_seqs``
-    full-cache sequences: as many requests as the largest batch, so once all are prefilled they decode together; the
-    caches' runs interleaved, ``repeats`` times. ``engine_args``: more of every engine's arguments (``device``)."""
+    full-cache sequences, for the full cache and KCache plain and with the residual: as many requests as the largest
+    batch, so once all are prefilled they decode together; the caches' runs interleaved, ``repeats`` times.
+    ``engine_args``: more of every engine's arguments (``device``)."""
     rows = []
     for context in contexts:
         probe = LLM(model, dtype="float32", kv_cache_memory=1 << 20, **engine_args).engine
         budget, vocab = full_seqs * context * probe.memory_plan.bytes_per_token, probe.model_config.vocab_size
         del probe
         for rep in range(repeats):
-            for name, kw in (("full cache", {}), (f"kcache N={top_n}", {"kv_method": "kcache", "kv_method_config": {"top_n": top_n}})):
+            for name, kw in (("full cache", {}), (f"kcache N={top_n}", {"kv_method": "kcache", "kv_method_config": {"top_n": top_n}}),
+                             (f"kcache N={top_n}, residual", {"kv_method": "kcache", "kv_method_config": {"top_n": top_n, "residual": True}})):
                 llm = LLM(model, dtype="float32", kv_cache_memory=budget, enable_prefix_caching=False, **engine_args, **kw)
                 plan = llm.engine.memory_plan
                 batch = min(g.num_blocks // blocks_needed(context, plan.block_size) for g in plan.groups)
@@ -203,16 +224,19 @@ def report(result: dict) -> str:
         rows = result["error"]
         layers = sorted({r["layer"] for r in rows})
         lines += ["Error vs N along the full cache's path (held-out text, mean over decode queries and heads); per layer: captured "
-                  "mass / relative L2 error renormalised / truncated:", "",
+                  "mass / relative L2 error renormalised / truncated / with the residual:", "",
                   "| N | " + " | ".join(f"layer {layer}" for layer in layers) + " |", "| --- |" + " --- |" * len(layers)]
         for n in sorted({r["n"] for r in rows}):
             cells = {r["layer"]: r for r in rows if r["n"] == n}
             lines.append(f"| {n} | " + " | ".join(f"{cells[layer]['captured_mass']:.3f} / {cells[layer]['rel_err_renormalized']:.3f} / "
-                                                  f"{cells[layer]['rel_err_truncated']:.3f}" for layer in layers) + " |")
+                                                  f"{cells[layer]['rel_err_truncated']:.3f} / {cells[layer]['rel_err_residual']:.3f}"
+                                                  for layer in layers) + " |")
         lines.append("")
     lines += eval_sections(result)
     if "dense" in result:
         lines += [f"KCache and Quest with their first {result['dense_layers']} layers dense (`kvtier eval`):", "", markdown_table(result["dense"]), ""]
+    if "residual" in result:
+        lines += ["KCache with the residual, beside Quest and H2O, every layer sparse (`kvtier eval`):", "", markdown_table(result["residual"]), ""]
     if "memory" in result:
         mem = result["memory"]
         lines += ["Bytes per token (all layers, engine accounting):", "", "| cache | device | host tier | device / full |", "| --- | --- | --- | --- |"]
@@ -255,9 +279,10 @@ def plot(result: dict, path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for layer in sorted({r["layer"] for r in rows}):
         rs = sorted((r for r in rows if r["layer"] == layer), key=lambda r: r["n"])
-        a.plot([r["n"] for r in rs], [r["captured_mass"] for r in rs], marker="o", label=f"layer {layer}")
-        b.plot([r["n"] for r in rs], [r["rel_err_renormalized"] for r in rs], marker="o", label=f"layer {layer}")
-    for ax, title in ((a, "attention mass in the Top-N"), (b, "relative L2 error of the output (renormalised)")):
+        line = a.plot([r["n"] for r in rs], [r["captured_mass"] for r in rs], marker="o", label=f"layer {layer}")[0]
+        b.plot([r["n"] for r in rs], [r["rel_err_renormalized"] for r in rs], marker="o", color=line.get_color())
+        b.plot([r["n"] for r in rs], [r["rel_err_residual"] for r in rs], marker="x", linestyle="--", color=line.get_color())
+    for ax, title in ((a, "attention mass in the Top-N"), (b, "relative L2 error of the output\n(solid: renormalised; dashed: residual)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("N (V rows per head)")
         ax.set_title(title)
@@ -315,6 +340,14 @@ def main(argv: list[str] | None = None) -> int:
         grid["cells"] += [c for c in quest["cells"] if c["method"] != "full cache"]
         grid["kv_method"] = ["kcache", "quest"]
         result["dense"], result["dense_layers"] = grid, args.dense_layers
+    if "residual" in args.sections:
+        grid = run_eval(args.model, "kcache", None, [args.equal_cost], args.tasks, args.contexts, args.trials, haystack=args.haystack,
+                        variants=({}, {"residual": True}, {"residual": True, "per_kv_head": True}), dtype="float32")
+        baselines = run_eval(args.model, ["quest", "h2o"], None, [args.equal_cost], args.tasks, args.contexts, args.trials, haystack=args.haystack,
+                             dtype="float32")
+        grid["cells"] += [c for c in baselines["cells"] if c["method"] != "full cache"]
+        grid["kv_method"] = ["kcache", "quest", "h2o"]
+        result["residual"] = grid
     if "memory" in args.sections:
         result["memory"] = memory(args.model, [1024, 2048, 4096], args.full_seqs)
     if "throughput" in args.sections:

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from report_io import write_report
 
 from kvtier.cache.host_view import device_view
+from kvtier.cache.layer_cache import LayerCache
 from kvtier.kv_methods.kcache import KCache, KCacheConfig
 from kvtier.machine import machine_line
 from kvtier.models.checkpoint_builder import build_random_checkpoint
@@ -118,6 +119,7 @@ class Layer:
         pin = device.type == "cuda"
         self.v_host = torch.empty(kv_heads, slots, dim, dtype=dtype, pin_memory=pin)
         self.v_host.copy_(self.v_dev)  # blocking: the host copy is whole before anything reads it
+        self.cache = LayerCache(self.k, self.v_host)  # as KCache's read_values sees the layer
         self.block_ids = torch.randperm(blocks, generator=g, device=device)  # [batch * width], row-major
         self.q = torch.randn(batch, heads, dim, generator=g, device=device).to(dtype)
         self.context_lens = torch.full((batch,), context, dtype=torch.long, device=device)
@@ -321,7 +323,7 @@ def measure_top_n(layer: Layer, method: KCache, probs: torch.Tensor, dense: torc
          "rel_err_vs_full": ((ref - dense).norm() / dense.norm()).item()}
 
     def engine() -> torch.Tensor:  # the engine's read_values: Top-N, gather + transfer and weighted sum together
-        return method.read_values(probs, layer.v_host, layer.slots, layer.context_lens)
+        return method.read_values(probs, layer.cache, layer.slots, layer.context_lens)
 
     r["engine_read_values_ms"] = timer(engine)
     r["engine_max_abs_err"] = (engine() - ref).abs().max().item()
@@ -333,7 +335,7 @@ def measure_top_n(layer: Layer, method: KCache, probs: torch.Tensor, dense: torc
         r[f"gather_{g}_ms"] = t
         r[f"gather_{g}_GB_per_s"] = round(transferred / (t["ms"] * 1e-3) / 1e9, 2)
         r[f"gather_{g}_max_abs_err"] = (gather(picked).float() - v_ref.float()).abs().max().item()
-    steps = {"kcache_engine": lambda: method.read_values(layer.softmax(layer.scores()), layer.v_host, layer.slots, layer.context_lens),
+    steps = {"kcache_engine": lambda: method.read_values(layer.softmax(layer.scores()), layer.cache, layer.slots, layer.context_lens),
              "kcache_sync": functools.partial(_kcache_step, layer, method, layer.gather_sync),
              "kcache_pinned": functools.partial(_kcache_step, layer, method, layer.gather_pinned)}
     if layer.alias is not None:
@@ -346,6 +348,28 @@ def measure_top_n(layer: Layer, method: KCache, probs: torch.Tensor, dense: torc
         r[f"{s}_step_ms"] = timer(fn)
         r[f"{s}_step_max_abs_err"] = (fn() - ref).abs().max().item()
     return r
+
+
+def device_agreement(model: str, config: dict, prompt_len: int, steps: int, swap_space: float) -> dict:
+    """KCache with N < context (sums of V beside K on the GPU, V in pinned host memory) against the same engine on the
+    CPU: the largest logit difference and the first step whose greedy token differs, from one random prompt."""
+    from kcache import greedy_logits
+    from sliding_window import random_prompts
+
+    from kvtier import LLM
+
+    runs = {}
+    for dev in ("cpu", "cuda"):
+        llm = LLM(model, dtype="float32", kv_cache_memory=1 << 26, device=dev, swap_space=swap_space, kv_method="kcache", kv_method_config=config)
+        prompt = random_prompts(1, prompt_len, llm.engine.model_config.vocab_size, seed=0)[0]
+        tokens, logits = greedy_logits(llm, prompt, steps)
+        runs[dev] = (tokens, logits.cpu())
+        del llm
+    (cpu_tokens, cpu), (gpu_tokens, gpu) = runs["cpu"], runs["cuda"]
+    same = next((i for i, (a, b) in enumerate(zip(cpu_tokens, gpu_tokens)) if a != b), len(cpu_tokens))
+    until = max(1, same)  # logits compared while both runs saw the same tokens
+    return {"config": config, "prompt_len": prompt_len, "steps": steps, "max_abs_logit_diff": (gpu[:until] - cpu[:until]).abs().max().item(),
+            "same_tokens_steps": same}
 
 
 def _kcache_step(layer: Layer, method: KCache, gather: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -377,6 +401,11 @@ def report(result: dict) -> str:
         lines += [f"| {r['model']} | {r['heads']} / {r['kv_heads']} | `{r['config']}` | {r['steps']} | {r['max_abs_logit_diff']:.2e} | "
                   f"{r['same_tokens']} | {r['pass']} |" for r in result["exactness"]]
         lines.append("")
+    if "agreement" in result:
+        a = result["agreement"]
+        lines += [f"KCache `{a['config']}` on the GPU against the CPU engine ({a['prompt_len']}-token random prompt, {a['steps']} greedy steps): "
+                  f"max abs logit diff {a['max_abs_logit_diff']:.2e} over the steps both chose the same tokens; the same tokens for "
+                  f"{a['same_tokens_steps']} of {a['steps']} steps.", ""]
     if "parts" in result:
         pr = result["parts"]
         if pr.get("bandwidth"):
@@ -480,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows = exactness({args.model: args.model, "random MHA Llama": str(mha)}, 256, args.steps, device=args.device, swap_space=args.swap_space)
             result["tolerance"] = args.tolerance
             result["exactness"] = [{**r, "pass": r["max_abs_logit_diff"] <= args.tolerance and r["same_tokens"]} for r in rows]
+            if device.type == "cuda":
+                result["agreement"] = device_agreement(args.model, {"top_n": args.top_n, "residual": True}, 1024, 64, args.swap_space)
         section("exactness", exact)
     if "parts" in args.sections:
         shapes = {k: v for k, v in (SMOKE if args.smoke else SHAPES).items() if k in args.shapes}

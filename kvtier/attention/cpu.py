@@ -4,7 +4,8 @@ into new tensors and running a matmul per head; the model it serves gets its lin
 (``kvtier.models.packed_linear``) and its RMSNorms, SiLU-and-mul and rotary embeddings as fused kernels
 (``kvtier.models.fused_ops``). The reference backend keeps all of them as transformers computes them.
 
-The kernel also does KCache's read (every key scored, only the Top-N values read: a method's ``value_selection``). What
+The kernel also does KCache's read (every key scored, only the Top-N values read, the residual's block means added
+where asked: a method's ``value_selection``). What
 it does not serve goes to the reference path, call by call, with the same result: other KV methods' decode hooks (they
 choose blocks or read the probabilities; an engine with such a method sends every decode there), a caller asking for
 the probabilities, dtypes other than fp32, a cache off the CPU. Prefill attention is the reference backend's (SDPA's flash kernel per chunk).
@@ -51,8 +52,10 @@ class CpuPagedBackend(PagedAttentionBackend):
         starts = group.key_starts if group.key_starts is not None else torch.zeros(group.size, dtype=torch.long)
         top_n = _ALL if selection is None else selection.counts(group.context_lens)
         per_kv_head, renormalize = (False, False) if selection is None else (selection.per_kv_head, selection.renormalize)
+        sums = cache.value_sums if selection is not None and selection.residual else _NONE
         return self.kernels.paged_decode(q, k, v, group.block_ids.view(group.size, -1), group.context_lens, starts, group.block_size,
-                                         group.window or 0, scale, top_n, per_kv_head, renormalize)
+                                         group.window or 0, scale, top_n, per_kv_head, renormalize, sums)
 
 
 _ALL = torch.empty(0, dtype=torch.long)  # top_n for the kernel: read every value
+_NONE = torch.empty(0)  # value_sums for the kernel: no residual

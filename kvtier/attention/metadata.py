@@ -135,11 +135,13 @@ class ValueSelection:
     """A KV method's decode read said plainly, so that a backend can do it in its own kernel: every key scored, the
     softmax over all of them, then only the ``budget`` most probable V rows read (a count, or a fraction of the
     context), per query head or per KV head (by the group's highest probability), their probabilities renormalised
-    over the rows read or not. KCache's read (``kvtier.kv_methods.kcache``)."""
+    over the rows read or not; with ``residual``, the mass of the rows not read goes, block by block, to the block's mean
+    value (its V sum in ``LayerCache.value_sums`` over its tokens). KCache's read (``kvtier.kv_methods.kcache``)."""
 
     budget: int | float
     per_kv_head: bool
     renormalize: bool
+    residual: bool = False
 
     def counts(self, context_lens: torch.Tensor) -> torch.Tensor:
         """The V rows each decode row reads, [rows] int64."""
@@ -160,7 +162,7 @@ class DecodeHooks(Protocol):
 
     def observe_decode(self, cache: LayerCache, head: int, slots: torch.Tensor, probs: torch.Tensor) -> None: ...
 
-    def read_values(self, probs: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor: ...
+    def read_values(self, probs: torch.Tensor, cache: LayerCache, slots: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor: ...
 
 
 def group_by_length(num_blocks: list[int], slack_blocks: int = 4, ratio: float = 1.5) -> list[int]:

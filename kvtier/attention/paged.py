@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from kvtier.attention.backend import AttentionBackend
 from kvtier.attention.metadata import AttentionMetadata, DecodeGroup, DecodeHooks, PrefillSpan, ScheduledTokens, group_by_length
-from kvtier.cache.layer_cache import LayerCache, summarize_blocks
+from kvtier.cache.layer_cache import LayerCache, add_value_sums, summarize_blocks
 from kvtier.cache.ops import block_slots, token_slots
 
 
@@ -61,7 +61,7 @@ def decode_attention(q: torch.Tensor, cache: LayerCache, group: DecodeGroup, sca
             heads.append(probs)
     if reads_values:  # every KV head at once: one gather of V rows per layer
         slots = block_slots(group.block_ids.view(batch, -1), group.block_size)
-        out.copy_(hooks.read_values(torch.stack(heads, 1), cache.v, slots, group.context_lens))
+        out.copy_(hooks.read_values(torch.stack(heads, 1), cache, slots, group.context_lens))
     if probs_out is not None:
         probs_out.append(torch.cat(heads, 1))
     return out.view(batch, num_heads, dim)
@@ -86,6 +86,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
         cache.slot_stats[:, meta.slot_mapping] = 0.0  # a new token has received no attention yet
     if cache.block_summary is not None:
         summarize_blocks(cache.k, cache.block_summary, meta.slot_mapping)
+    if cache.value_sums is not None:
+        add_value_sums(cache.value_sums, v.transpose(0, 1), meta.slot_mapping, cache.k.shape[1] // cache.value_sums.shape[1])
     if meta.query_rows is not None:
         meta.queries.append(q.index_select(0, meta.query_rows))
     out = torch.empty_like(q)

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from kvtier.cache import huge_pages
-from kvtier.cache.layer_cache import LayerCache, summarize_blocks
+from kvtier.cache.layer_cache import LayerCache, add_value_sums, summarize_blocks
 from kvtier.cache.memory_plan import GroupPlan, MemoryPlan
 from kvtier.cache.ops import CacheOps, Compaction, MoveKind, block_slots
 from kvtier.cache.specs import FullAttentionSpec, HostValueSpec, KVCacheSpec, MambaSpec, SlidingWindowSpec
@@ -41,7 +41,7 @@ class GroupStorage(ABC):
 
 class _Pool(NamedTuple):
     """One tensor of an attention group, [layers, kv_heads, rows, ...] with rows a token slot (K, V, per-slot stats) or
-    a block (key summaries), in its home tier and in the swap pool."""
+    a block (key summaries, value sums), in its home tier and in the swap pool."""
 
     home: torch.Tensor
     swap: torch.Tensor
@@ -52,7 +52,7 @@ class AttentionStorage(GroupStorage):
     """K and V of the group's layers, each [layers, kv_heads, num_blocks * block_size, head_dim]; a block id means the same
     slots in every layer of the group. V lives in the host tier (pinned memory beside a GPU) where the spec says so
     (KCache), K always where attention runs. What the spec asks a KV method to keep beside them (per-slot stats, per-block
-    key summaries) is laid out the same way; every pool moves with its block."""
+    key summaries and value sums, all where K is) is laid out the same way; every pool moves with its block."""
 
     def __init__(self, gp: GroupPlan, block_size: int, device: torch.device) -> None:
         spec: FullAttentionSpec = gp.group.spec
@@ -70,11 +70,15 @@ class AttentionStorage(GroupStorage):
         self.v = pool(slots, host_slots, (spec.head_dim,), spec.dtype, tier)
         self.stats = pool(slots, host_slots, (), torch.float32) if spec.slot_stats else None
         self.summary = pool(gp.num_blocks, gp.num_host_blocks, (2, spec.head_dim), spec.dtype, per_block=True) if spec.block_summary else None
-        self.pools = [p for p in (self.k, self.v, self.stats, self.summary) if p is not None]
+        self.value_sums = pool(gp.num_blocks, gp.num_host_blocks, (spec.head_dim,), spec.dtype, per_block=True) if spec.value_sums else None
+        self.pools = [p for p in (self.k, self.v, self.stats, self.summary, self.value_sums) if p is not None]
 
     def layer_caches(self) -> list[LayerCache]:
-        return [LayerCache(self.k.home[i], self.v.home[i], None if self.stats is None else self.stats.home[i],
-                           None if self.summary is None else self.summary.home[i], i) for i in range(self.k.home.shape[0])]
+        def layer(p: _Pool | None, i: int) -> torch.Tensor | None:
+            return None if p is None else p.home[i]
+
+        return [LayerCache(self.k.home[i], self.v.home[i], layer(self.stats, i), layer(self.summary, i), layer(self.value_sums, i), i)
+                for i in range(self.k.home.shape[0])]
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for p in self.pools for t in (p.home, p.swap)]
@@ -94,8 +98,12 @@ class AttentionStorage(GroupStorage):
                 if not p.per_block:
                     t = p.home[layer]  # [kv_heads, slots, ...]; the gather copies every kept row before the write
                     t[:, compaction.dst.to(t.device)] = t[heads.to(t.device), compaction.src[layer].to(t.device)]
+            dst = compaction.dst.to(self.k.home.device)
             if self.summary is not None:
-                summarize_blocks(self.k.home[layer], self.summary.home[layer], compaction.dst.to(self.k.home.device))
+                summarize_blocks(self.k.home[layer], self.summary.home[layer], dst)
+            if self.value_sums is not None:
+                v = self.v.home[layer]
+                add_value_sums(self.value_sums.home[layer], v[:, compaction.dst.to(v.device)].to(dst.device), dst, self.block_size)
 
 
 class StateStorage(GroupStorage):

@@ -72,9 +72,11 @@ class FullAttentionSpec(KVCacheSpec):
     head_dim: int
     dtype: torch.dtype
     # what a KV method keeps beside K and V (kvtier.cache.layer_cache.LayerCache): an fp32 number per token and KV head
-    # (H2O's accumulated attention), and each block's elementwise min and max of its keys (Quest's)
+    # (H2O's accumulated attention), each block's elementwise min and max of its keys (Quest's), and each block's sum of
+    # its values, kept where K is (KCache's residual)
     slot_stats: bool = False
     block_summary: bool = False
+    value_sums: bool = False
     kv_method: bool = False  # the engine's KV method acts in these layers (MethodState.layers)
 
     @property
@@ -93,7 +95,7 @@ class FullAttentionSpec(KVCacheSpec):
 
     @property
     def bytes_per_block(self) -> int:
-        summary = 2 * self.row_bytes if self.block_summary else 0
+        summary = (2 * self.block_summary + self.value_sums) * self.row_bytes
         return self.bytes_per_token * self.block_size + summary
 
     @property
@@ -202,12 +204,13 @@ class KVCacheGroup:
 class MethodState:
     """What the engine's KV method keeps in the full-attention layers it acts in (``layers``): an fp32 number per token
     and KV head (H2O's accumulated attention), each block's elementwise key min and max (Quest's), V in the host tier
-    (KCache's). The other layers keep plain K and V."""
+    and each block's V sum beside K (KCache's). The other layers keep plain K and V."""
 
     layers: frozenset[int]
     slot_stats: bool = False
     block_summary: bool = False
     host_values: bool = False
+    value_sums: bool = False
 
 
 def kv_cache_groups(cfg: ModelConfig, block_size: int, dtype: torch.dtype,
@@ -224,7 +227,8 @@ def kv_cache_groups(cfg: ModelConfig, block_size: int, dtype: torch.dtype,
             spec: KVCacheSpec = MambaSpec(block_size, (m.conv_dim, m.conv_kernel - 1), (m.num_heads, m.head_dim, m.state_size), conv_dtype, ssm_dtype)
         elif window is None and method is not None and i in method.layers:
             kind = HostValueSpec if method.host_values else FullAttentionSpec
-            spec = kind(block_size, cfg.num_key_value_heads, cfg.head_dim, dtype, method.slot_stats, method.block_summary, kv_method=True)
+            spec = kind(block_size, cfg.num_key_value_heads, cfg.head_dim, dtype, method.slot_stats, method.block_summary, method.value_sums,
+                        kv_method=True)
         elif window is None:
             spec = FullAttentionSpec(block_size, cfg.num_key_value_heads, cfg.head_dim, dtype)
         else:

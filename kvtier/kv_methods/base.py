@@ -13,7 +13,7 @@ scores and chooses:
   chooses (KCache);
 - ``after_decode``: after each decode step, the cache slots to keep (H2O's eviction as the cache grows).
 
-What a method keeps beside K and V (``slot_stats``, ``block_summary``, V in the host tier) is allocated, moved and
+What a method keeps beside K and V (``slot_stats``, ``block_summary``, ``value_sums``, V in the host tier) is allocated, moved and
 accounted with them, in the layers it acts in (``cache_state``).
 """
 
@@ -111,6 +111,7 @@ class KVMethod:
     slot_stats: ClassVar[bool] = False  # keeps an fp32 number per token and KV head beside K and V
     block_summary: ClassVar[bool] = False  # keeps each block's elementwise key min and max
     host_values: ClassVar[bool] = False  # keeps V in the host tier
+    value_sums: bool = False  # keeps each block's sum of values beside K
     decode_hooks: ClassVar[bool] = False  # acts inside decode attention (``select_blocks``, ``observe_decode``, ``read_values``)
     observes_decode: ClassVar[bool] = False
     reads_values: ClassVar[bool] = False  # computes the output from the probabilities itself (``read_values``)
@@ -125,7 +126,7 @@ class KVMethod:
 
     def cache_state(self, num_layers: int) -> MethodState:
         """What the cache keeps for the method, and in which layers."""
-        return MethodState(frozenset(self.layers(num_layers)), self.slot_stats, self.block_summary, self.host_values)
+        return MethodState(frozenset(self.layers(num_layers)), self.slot_stats, self.block_summary, self.host_values, self.value_sums)
 
     @property
     def window(self) -> int:
@@ -147,10 +148,10 @@ class KVMethod:
         """After one layer's decode attention for KV ``head``: ``probs`` [rows, group's query heads, keys] (fp32) over
         the cache ``slots`` [rows, keys] it read (0 where a row sees no key)."""
 
-    def read_values(self, probs: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+    def read_values(self, probs: torch.Tensor, cache: LayerCache, slots: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
         """One layer's decode attention output, from ``probs`` [rows, kv_heads, group's query heads, keys] (fp32, 0 where a
         row sees no key) over the cache ``slots`` [rows, keys] they came from, each row having ``context_lens`` [rows]
-        keys, reading rows of the layer's ``values`` [kv_heads, cache slots, head_dim] (wherever they live):
+        keys, reading rows of the layer's values ``cache.v`` [kv_heads, cache slots, head_dim] (wherever they live):
         [rows, kv_heads, group's query heads, head_dim] in fp32. Called only by a method with ``reads_values``, which
         selects no blocks."""
         raise NotImplementedError

@@ -13,6 +13,12 @@ layers keep V beside K and read it whole, as Quest's evaluation keeps its first 
 probabilities rescaled to sum to 1, as Quest's attention over its chosen pages does; else the missing mass is
 dropped) and ``per_kv_head`` (under grouped-query attention one Top-N per KV head, scored by the highest probability
 among the query heads that share it, as ShadowKV chooses; else one per query head).
+
+``residual`` is kvtier's addition, not the paper's: the softmax is over every key, so the probability mass of the rows
+not read is known exactly, block by block. Each block's V sum is kept beside K (one row per block, updated as tokens
+are written: ``LayerCache.value_sums``), and the missing mass of each block goes to its mean value instead of being
+dropped or rescaled away. It reads no more of the host tier, and costs a device row per block (1/16 of V at the
+default block size): an estimate of the tail that diffuse heads lose most to.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import torch
 
 from kvtier.attention.metadata import ValueSelection
 from kvtier.cache.host_view import device_view
+from kvtier.cache.layer_cache import LayerCache
+from kvtier.cache.specs import blocks_needed
 from kvtier.errors import InvalidArgumentError
 from kvtier.kv_methods.base import DenseLayersConfig, KVMethod, KVMethodConfig
 
@@ -30,11 +38,13 @@ from kvtier.kv_methods.base import DenseLayersConfig, KVMethod, KVMethodConfig
 @dataclass(frozen=True)
 class KCacheConfig(DenseLayersConfig):
     """``top_n``: V rows each head reads per decode step, a whole number >= 1 or a fraction of the context in (0, 1]
-    (None: ``budget``, its alias)."""
+    (None: ``budget``, its alias). ``renormalize`` (None: true unless ``residual``) cannot be true with ``residual``: the
+    missing mass is then estimated, not rescaled away."""
 
     top_n: float | int | None = None
-    renormalize: bool = True
+    renormalize: bool | None = None
     per_kv_head: bool = False
+    residual: bool = False
 
     def __post_init__(self) -> None:
         if self.top_n is not None:
@@ -47,9 +57,14 @@ class KCacheConfig(DenseLayersConfig):
                 raise InvalidArgumentError("kv_method_config.top_n", e.message) from None
             object.__setattr__(self, "budget", self.top_n)
         super().__post_init__()
-        for name in ("renormalize", "per_kv_head"):
+        if self.renormalize is None:
+            object.__setattr__(self, "renormalize", not self.residual)
+        for name in ("renormalize", "per_kv_head", "residual"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidArgumentError(f"kv_method_config.{name}", f"must be true or false, got {getattr(self, name)!r}")
+        if self.renormalize and self.residual:
+            raise InvalidArgumentError("kv_method_config.renormalize",
+                                       "must be false with residual: the mass of the rows not read is estimated, not rescaled away")
 
 
 class KCache(KVMethod):
@@ -62,35 +77,55 @@ class KCache(KVMethod):
 
     def __init__(self, config: KCacheConfig) -> None:
         super().__init__(config)
-        self.value_selection = ValueSelection(config.budget, config.per_kv_head, config.renormalize)
+        self.value_selection = ValueSelection(config.budget, config.per_kv_head, config.renormalize, config.residual)
+        self.value_sums = config.residual
         self._host_views: dict[int, torch.Tensor] = {}  # a GPU view of each pinned V pool, by address
 
     def layers(self, num_layers: int) -> range:
         return self.config.method_layers(num_layers)
 
-    def read_values(self, probs: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+    def read_values(self, probs: torch.Tensor, cache: LayerCache, slots: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
         rows, kv_heads, group, width = probs.shape
+        values = cache.v
         flat = values.view(-1, values.shape[-1])  # [kv_heads * slots, D]: one gather serves every head
         base = torch.arange(kv_heads, device=slots.device)[:, None, None] * values.shape[1]
         counts = self.value_selection.counts(context_lens)
+        rest = None
         if bool((counts >= context_lens).all()):  # N covers every key: read V whole
             picked = slots[:, None, None, :] + base  # [rows, kv_heads, 1, width]
             p = probs
         else:
             n = int(counts.max())
             score = probs.amax(2, keepdim=True) if self.config.per_kv_head else probs  # [rows, kv_heads, 1 or group, width]
-            top = score.topk(n, dim=-1).indices  # best first, so a row with a smaller count keeps its first ranks
-            picked = slots.gather(1, top.flatten(1)).view(top.shape) + base
-            p = probs.gather(-1, top.expand(rows, kv_heads, group, n))
-            p = p.masked_fill(torch.arange(n, device=p.device) >= counts[:, None, None, None], 0.0)
-            if self.config.renormalize:
+            top = score.topk(n, dim=-1).indices.expand(rows, kv_heads, group, n)  # best first: a smaller count keeps its first ranks
+            picked = slots.gather(1, top[:, :, :score.shape[2]].flatten(1)).view(rows, kv_heads, -1, n) + base
+            p = probs.gather(-1, top).masked_fill(torch.arange(n, device=probs.device) >= counts[:, None, None, None], 0.0)
+            if self.config.residual:
+                rest = _residual(probs.scatter_add(-1, top, -p), cache.value_sums, slots, context_lens, values.shape[1] // cache.value_sums.shape[1])
+            elif self.config.renormalize:
                 p = p / p.sum(-1, keepdim=True)
         v = _gather_rows(flat, picked.flatten(), probs.device, self._host_views).view(*picked.shape, -1)  # from the host tier
-        return (p.unsqueeze(-2) @ v.float()).squeeze(-2)  # [rows, kv_heads, group, 1, n] @ [rows, kv_heads, 1 or group, n, D]
+        out = (p.unsqueeze(-2) @ v.float()).squeeze(-2)  # [rows, kv_heads, group, 1, n] @ [rows, kv_heads, 1 or group, n, D]
+        return out if rest is None else out + rest
 
     def rows_read(self, num_slots: int, num_tokens: int, block_size: int, group_size: int) -> tuple[int, int]:
         kept = self.config.kept(num_slots)
-        return num_slots, num_slots if kept >= num_slots else kept * (1 if self.config.per_kv_head else group_size)
+        if kept >= num_slots:
+            return num_slots, num_slots
+        sums = blocks_needed(num_slots, block_size) if self.config.residual else 0  # a block's V sum is a row beside K
+        return num_slots + sums, kept * (1 if self.config.per_kv_head else group_size)
+
+
+def _residual(missing: torch.Tensor, sums: torch.Tensor, slots: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The mass ``missing`` [rows, kv_heads, group, keys] of the keys not read, each block's share times its mean value
+    (its V sum in ``sums`` [kv_heads, blocks, D] over its tokens): [rows, kv_heads, group, D]. ``slots`` [rows, keys] run
+    block by block through each row's table."""
+    rows, kv_heads, group, width = missing.shape
+    blocks = width // block_size
+    mass = missing.view(rows, kv_heads, group, blocks, block_size).sum(-1)
+    tokens = (context_lens[:, None] - torch.arange(blocks, device=slots.device) * block_size).clamp(1, block_size)  # [rows, blocks]
+    means = sums[:, slots[:, ::block_size] // block_size].float() / tokens.to(sums.device)[None, :, :, None]  # [kv_heads, rows, blocks, D]
+    return mass @ means.transpose(0, 1)
 
 
 def _gather_rows(flat: torch.Tensor, index: torch.Tensor, device: torch.device, views: dict[int, torch.Tensor]) -> torch.Tensor:

@@ -14,6 +14,7 @@ from kvtier import LLM, SamplingParams
 from kvtier.attention.cpu import CpuPagedBackend
 from kvtier.attention.metadata import DecodeGroup
 from kvtier.attention.paged import decode_attention
+from kvtier.cache.layer_cache import LayerCache
 from kvtier.kv_methods.kcache import KCache, KCacheConfig
 
 
@@ -81,10 +82,12 @@ def test_without_a_compiler_the_engine_runs_on_the_reference_backend_and_says_wh
 
 
 @pytest.mark.parametrize("config", [{"top_n": 5}, {"top_n": 0.25, "renormalize": False}, {"top_n": 7, "per_kv_head": True},
-                                    {"top_n": 3, "per_kv_head": True, "renormalize": False}, {"top_n": 1000}])
+                                    {"top_n": 3, "per_kv_head": True, "renormalize": False}, {"top_n": 1000},
+                                    {"top_n": 6, "residual": True}, {"top_n": 0.1, "per_kv_head": True, "residual": True}])
 def test_kernel_does_kcaches_top_n_read_as_the_reference(config):
     """KCache's read in the kernel (every key scored, only the Top-N V rows read: per query head or per KV head,
-    renormalised or not, N above the context too) against the reference path's ``read_values`` on the same cache."""
+    renormalised, truncated or with the residual's block means, N above the context too) against the reference path's
+    ``read_values`` on the same cache."""
     g = torch.Generator().manual_seed(len(str(config)))
     heads, kv_heads, dim, bs, rows = 8, 2, 24, 16, 6
     lens = torch.randint(2, 120, (rows,), generator=g)
@@ -96,7 +99,12 @@ def test_kernel_does_kcaches_top_n_read_as_the_reference(config):
         tables[r, int((lens[r] + bs - 1) // bs):] = 0
     group = DecodeGroup(0, tables.flatten(), lens, lens - 1, bs, None, None)
     q = torch.randn(rows, heads, dim, generator=g) * 2
-    cache = types.SimpleNamespace(k=k, v=v)
+    sums = torch.zeros(kv_heads, rows * width + 1, dim)  # each block's V sum over the tokens its row wrote
+    for r in range(rows):
+        for j in range(int((lens[r] + bs - 1) // bs)):
+            block = int(tables[r, j])
+            sums[:, block] = v[:, block * bs:block * bs + min(bs, int(lens[r]) - j * bs)].sum(1)
+    cache = LayerCache(k, v, value_sums=sums)
     method = KCache(KCacheConfig(**config))
     want = decode_attention(q, cache, group, dim**-0.5, hooks=method)
     got = CpuPagedBackend().decode(q, cache, group, dim**-0.5, hooks=method)

@@ -30,5 +30,5 @@ def test_the_benchmark_selects_as_kcache_reads():
     probs = layer.softmax(layer.scores())
     p, picked = layer.select(method, probs)
     mine = layer.weighted_sum(p, layer.gather_pinned(picked))
-    engine = method.read_values(probs, layer.v_host, layer.slots, layer.context_lens)
+    engine = method.read_values(probs, layer.cache, layer.slots, layer.context_lens)
     torch.testing.assert_close(mine, engine, rtol=0, atol=0)

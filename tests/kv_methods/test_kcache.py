@@ -17,6 +17,7 @@ from tests.hf_checkpoints import save_hf_checkpoint
 from tests.kv_methods.test_decode_methods import attention_reference
 
 TOL = 1e-4
+BLOCK = 16  # the engine's default block size: KCache's residual works block by block
 
 
 @pytest.fixture(scope="module", params=["gqa", "mha"])
@@ -47,7 +48,9 @@ def test_n_covering_the_context_gives_the_full_cache(model_dir, config):
 def kcache_attention(config: KCacheConfig):
     """An eager attention for transformers that decodes as KCache does, in float64: every key scored, the softmax over all,
     the N best probabilities of each query head (of each KV head: the highest over its query heads) kept and, with
-    ``renormalize``, rescaled to sum to 1; the first ``dense_layers`` layers and the prompt attend to everything."""
+    ``renormalize``, rescaled to sum to 1, or with ``residual`` the mass of the others spread evenly over the tokens of
+    their block of 16 (which is what weighting the block's mean value by it gives); the first ``dense_layers`` layers and
+    the prompt attend to everything."""
 
     def attend(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         _, heads, q_len, _ = query.shape
@@ -61,15 +64,20 @@ def kcache_attention(config: KCacheConfig):
             p = probs[:, 0]  # [heads, n]
             score = p.view(kv_heads, group, n).amax(1).repeat_interleave(group, 0) if config.per_kv_head else p
             mask = torch.zeros_like(p, dtype=torch.bool).scatter_(1, score.topk(kept, -1).indices, True)
-            p = p.masked_fill(~mask, 0.0)
-            probs = (p / p.sum(-1, keepdim=True) if config.renormalize else p)[:, None]
+            read = p.masked_fill(~mask, 0.0)
+            if config.residual:
+                block = torch.arange(n) // BLOCK
+                missing = torch.zeros(heads, int(block[-1]) + 1, dtype=p.dtype).index_add_(1, block, p - read)
+                read = read + missing[:, block] / torch.bincount(block)[block]
+            probs = (read / read.sum(-1, keepdim=True) if config.renormalize else read)[:, None]
         return (probs @ v).transpose(0, 1)[None], probs[None]
 
     return attend
 
 
 @pytest.mark.parametrize("config", [{"top_n": 16}, {"top_n": 0.1, "renormalize": False}, {"top_n": 24, "per_kv_head": True},
-                                    {"budget": 8, "dense_layers": 1}])
+                                    {"budget": 8, "dense_layers": 1}, {"top_n": 16, "residual": True},
+                                    {"top_n": 8, "per_kv_head": True, "residual": True}])
 def test_top_n_reads_what_a_float64_reference_reads(model_dir, config):
     """Logits along the engine's greedy path equal the reference's (1e-4), and differ from the full cache's: N < context."""
     prompt = prompts_of([150], 512, seed=32)[0]
@@ -98,17 +106,25 @@ def test_the_device_pool_holds_k_and_the_host_tier_v(model_dir):
     mixed = LLM(str(model_dir), dtype="float32", kv_cache_memory=1 << 20, kv_method="kcache", kv_method_config={"dense_layers": 1}).engine.memory_plan
     assert [g.group.layers for g in mixed.groups] == [(0,), (1,)]
     assert mixed.bytes_per_token * 4 == full.bytes_per_token * 3 and mixed.tier_bytes_per_token * 4 == full.bytes_per_token
+    # the residual keeps a V sum per block beside K: one row in 16 tokens, still under 55% of the full cache per token
+    residual = LLM(str(model_dir), dtype="float32", kv_cache_memory=1 << 20, kv_method="kcache", kv_method_config={"residual": True}).engine
+    (g,) = residual.memory_plan.groups
+    assert g.bytes_per_block * 16 == plan.groups[0].bytes_per_block * 17
+    assert g.bytes_per_block / full.groups[0].bytes_per_block <= 0.55
+    sums = residual.storage.groups[0].value_sums.home
+    assert sums.device == storage.k.home.device and sums.shape == (*storage.k.home.shape[:2], g.num_blocks, storage.k.home.shape[-1])
 
 
-@pytest.mark.parametrize("preemption_mode", ["swap", "recompute"])
-def test_outputs_survive_preemption_and_share_blocks(model_dir, preemption_mode):
+@pytest.mark.parametrize("preemption_mode, residual", [("swap", False), ("recompute", False), ("swap", True)])
+def test_outputs_survive_preemption_and_share_blocks(model_dir, preemption_mode, residual):
     """Six requests in a pool too small for them all, and two greedy samples of one prompt forking its blocks; every block
-    comes back. Swapped out and in, K and V blocks keep what they held, so each output equals the one it gets alone.
+    comes back. Swapped out and in, K and V blocks (and the residual's V sums) keep what they held, so each output equals
+    the one it gets alone.
     Recomputed, a request finishes whole, but not necessarily with the same tokens: the recompute prefill attends to all
     of V where the decode steps it replaces read Top-N, so later layers' K and V differ (as with Quest)."""
     prompts = prompts_of([90, 70, 100, 80, 95, 60], 512, seed=33)
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    kw = dict(dtype="float32", kv_method="kcache", kv_method_config={"top_n": 32})
+    kw = dict(dtype="float32", kv_method="kcache", kv_method_config={"top_n": 32, "residual": residual})
     alone = [LLM(str(model_dir), kv_cache_memory=1 << 22, **kw).generate({"prompt_token_ids": p}, params, use_tqdm=False)[0] for p in prompts]
     probe = LLM(str(model_dir), kv_cache_memory=1 << 22, **kw).engine.memory_plan.groups[0]
     tight = LLM(str(model_dir), kv_cache_memory=20 * probe.bytes_per_block, preemption_mode=preemption_mode, swap_space=0.01, **kw)
@@ -122,11 +138,13 @@ def test_outputs_survive_preemption_and_share_blocks(model_dir, preemption_mode)
     assert tight.get_metrics()["kv_blocks_used"] == 0
 
 
-def test_a_prefix_hit_reuses_k_and_v_blocks(model_dir):
-    """A second prompt sharing 64 tokens hits them (K and V of the same blocks) and decodes as it does with caching off."""
+@pytest.mark.parametrize("residual", [False, True])
+def test_a_prefix_hit_reuses_k_and_v_blocks(model_dir, residual):
+    """A second prompt sharing 64 tokens hits them (K and V of the same blocks, and their V sums) and decodes as it does
+    with caching off."""
     shared, a, b = prompts_of([64, 30, 40], 512, seed=34)
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
-    kw = dict(dtype="float32", kv_cache_memory=1 << 22, kv_method="kcache", kv_method_config={"top_n": 16})
+    kw = dict(dtype="float32", kv_cache_memory=1 << 22, kv_method="kcache", kv_method_config={"top_n": 16, "residual": residual})
     cold = LLM(str(model_dir), enable_prefix_caching=False, **kw).generate({"prompt_token_ids": shared + b}, params, use_tqdm=False)[0]
     llm = LLM(str(model_dir), **kw)
     llm.generate({"prompt_token_ids": shared + a}, params, use_tqdm=False)
@@ -144,6 +162,8 @@ def test_a_prefix_hit_reuses_k_and_v_blocks(model_dir):
     ({"kv_method_config": {"dense_layers": -1}}, "kv_method_config.dense_layers"),
     ({"kv_method_config": {"dense_layers": 2}}, "kv_method_config.dense_layers"),  # the model has 2 layers
     ({"kv_method_config": {"renormalize": "yes"}}, "kv_method_config.renormalize"),
+    ({"kv_method_config": {"residual": 1}}, "kv_method_config.residual"),
+    ({"kv_method_config": {"residual": True, "renormalize": True}}, "kv_method_config.renormalize"),
     ({"kv_method_config": {"top_k": 64}}, "kv_method_config"),
     ({"kv_host_memory": 0}, "kv_host_memory"),
 ])

@@ -3,7 +3,7 @@
 
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_tables, torch::Tensor context_lens,
                            torch::Tensor key_starts, int64_t block_size, int64_t window, double scale, torch::Tensor top_n, bool per_kv_head,
-                           bool renormalize);
+                           bool renormalize, torch::Tensor value_sums);
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
 torch::Tensor silu_and_mul(const torch::Tensor& x);
 void rotary_(torch::Tensor q, torch::Tensor k, const torch::Tensor& positions, const torch::Tensor& cos, const torch::Tensor& sin);

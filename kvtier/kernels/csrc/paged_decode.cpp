@@ -109,15 +109,42 @@ static void weighted_sum(const float* probs, int64_t n, int64_t heads, const std
   }
 }
 
+static inline float sum_of(const float* x, int64_t n) {
+  Vec acc(0.f);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) acc = acc + Vec::loadu(x + i);
+  float s = acc.reduce_add();
+  for (; i < n; ++i) s += x[i];
+  return s;
+}
+
+// out[g] += the mass of the keys not in ``keys``, block by block, times the block's mean value: its sum (``sum_row(j)``
+// for the row's j-th table block) over its tokens; for the ``heads`` query heads of ``probs``. A block's mass is its
+// probabilities' sum less those read (a block read whole is left with rounding at most, skipped unless positive).
+template <typename SumRow>
+static void add_residual(const float* probs, int64_t n, int64_t heads, const std::vector<int64_t>& keys, int64_t block_size, SumRow sum_row,
+                         float* out, int64_t D, std::vector<float>& mass) {
+  const int64_t blocks = (n + block_size - 1) / block_size;
+  mass.resize(blocks);
+  for (int64_t g = 0; g < heads; ++g) {
+    const float* p = probs + g * n;
+    for (int64_t j = 0; j < blocks; ++j) mass[j] = sum_of(p + j * block_size, std::min(block_size, n - j * block_size));
+    for (int64_t i : keys) mass[i / block_size] -= p[i];
+    for (int64_t j = 0; j < blocks; ++j)
+      if (mass[j] > 0.f) axpy(mass[j] / static_cast<float>(std::min(block_size, n - j * block_size)), sum_row(j), out + g * D, D);
+  }
+}
+
 // q [B, H, D]; k_cache, v_cache [Hkv, slots, D]; block_tables [B, W] (int64, padded); context_lens [B]: keys each row
 // sees counted from position 0; key_starts [B]: the position of each table's first key (0 unless a sliding window cut
 // the table's front); window: the sliding window, or 0 for none. Returns [B, H, D].
 // top_n [B] (int64; empty for all keys): KCache's read, every key scored and only the top_n[b] most probable V rows read,
 // per query head, or per KV head by the group's highest probability (``per_kv_head``), their probabilities renormalised
-// over the rows read or not.
+// over the rows read or not. value_sums [Hkv, blocks, D] (empty for none): the mass of the rows not read goes to each
+// block's mean value (KCache's residual).
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_tables,
                            torch::Tensor context_lens, torch::Tensor key_starts, int64_t block_size, int64_t window, double scale,
-                           torch::Tensor top_n, bool per_kv_head, bool renormalize) {
+                           torch::Tensor top_n, bool per_kv_head, bool renormalize, torch::Tensor value_sums) {
   TORCH_CHECK(q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat,
               "paged_decode: fp32 only");
   q = q.contiguous();
@@ -132,6 +159,11 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
               "paged_decode: top_n must be int64 [batch], without a sliding window, at most 16 query heads per KV head");
   top_n = top_n.contiguous();
   const int64_t* topn = selects ? top_n.data_ptr<int64_t>() : nullptr;
+  const bool residual = value_sums.numel() > 0;
+  TORCH_CHECK(!residual || (selects && !renormalize && value_sums.scalar_type() == at::kFloat && value_sums.is_contiguous()
+                            && value_sums.size(0) == Hkv && value_sums.size(2) == D && value_sums.size(1) * block_size == slots),
+              "paged_decode: value_sums must be fp32 [Hkv, blocks, D] beside a Top-N read, not renormalised");
+  const float* sp = residual ? value_sums.data_ptr<float>() : nullptr;
   auto out = torch::zeros_like(q);
   const float* qp = q.data_ptr<float>();
   const float* kp = k_cache.data_ptr<float>();
@@ -151,7 +183,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   // rows come sorted by length, so equal item counts would leave one thread the long rows: split by keys read instead
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B * Hkv));
   at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
-    std::vector<float> scores, dots, qs(group * D), best;
+    std::vector<float> scores, dots, qs(group * D), best, mass;
     std::vector<int64_t> keys;
     std::vector<std::pair<float, int64_t>> heap;
     for (int64_t part = part_begin; part < part_end; ++part) {
@@ -182,6 +214,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
         }
         float* oh = op + (b * H + h * group) * D;
         auto value_row = [&](int64_t i) { return row(head_v, i); };
+        auto sum_row = [&](int64_t j) { return sp + (h * (slots / block_size) + table[j]) * D; };  // no window: the table starts at key 0
         const int64_t kept = selects ? std::max<int64_t>(1, std::min(n, topn[b])) : n;
         if (kept == n) {
           for (int64_t i = 0; i < n; ++i) {
@@ -195,10 +228,12 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
             for (int64_t i = 0; i < n; ++i) best[i] = std::max(best[i], scores[g * n + i]);
           top_keys(best.data(), n, kept, keys, heap);
           weighted_sum(scores.data(), n, group, keys, renormalize, value_row, oh, D);
+          if (residual) add_residual(scores.data(), n, group, keys, block_size, sum_row, oh, D, mass);
         } else {
           for (int64_t g = 0; g < group; ++g) {
             top_keys(scores.data() + g * n, n, kept, keys, heap);
             weighted_sum(scores.data() + g * n, n, 1, keys, renormalize, value_row, oh + g * D, D);
+            if (residual) add_residual(scores.data() + g * n, n, 1, keys, block_size, sum_row, oh + g * D, D, mass);
           }
         }
       }
