@@ -10,6 +10,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 
 import httpx2 as httpx
 import pytest
@@ -40,13 +41,15 @@ def value(url: str, name: str, **labels: str) -> float:
     return samples(url)[(name, tuple(sorted({"model_name": "tiny", **labels}.items())))]
 
 
-def wait_idle(url: str, timeout: float = 30) -> None:
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value(url, "kvtier:num_requests_running") == 0 and value(url, "kvtier:num_requests_waiting") == 0:
-            return
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
-    raise AssertionError("the server did not go idle")
+
+
+def wait_idle(url: str, timeout: float = 30) -> None:
+    wait_for(lambda: value(url, "kvtier:num_requests_running") == 0 and value(url, "kvtier:num_requests_waiting") == 0, "the server to go idle", timeout)
 
 
 def body(endpoint: str, n: int, stream: bool, max_tokens: int = 2000) -> dict:
@@ -87,9 +90,11 @@ def test_clients_that_leave_are_aborted_cleanly(model_dir):
                     blocker_lines = blocker.iter_lines()  # held: a dropped line iterator closes the connection
                     next(line for line in blocker_lines if line.startswith("data:"))
                     leave_stream(url, endpoint, n, data_lines=0)
-                    deadline = time.monotonic() + 20
-                    while value(url, "kvtier:num_requests_waiting") and time.monotonic() < deadline:
-                        time.sleep(0.05)
+                    # the server counts the abort when it sees the client go, having queued the request's add and then its
+                    # abort for the engine, which applies its queue before each step: two steps later both show in the gauges
+                    wait_for(lambda want=left + 1: value(url, "vllm:request_success_total", engine="0", finished_reason="abort") == want, "the abort")
+                    tokens = value(url, "vllm:generation_tokens_total", engine="0")
+                    wait_for(lambda want=tokens + 2: value(url, "vllm:generation_tokens_total", engine="0") >= want, "two engine steps")
                     assert value(url, "kvtier:num_requests_waiting") == 0 and value(url, "kvtier:num_requests_running") == 1
                 left += 2
                 wait_idle(url)
