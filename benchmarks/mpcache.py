@@ -108,7 +108,9 @@ def mpc_tasks(shape: dict, context: int, protocol: str, methods: dict[str, MPCac
 def mpc_costs(protocols: list[str], contexts: dict[str, list[int]]) -> list[dict]:
     """Per model shape, protocol and context: each method's per-layer cost (one fused program), its operators (each its
     own program, for attribution), and the attention part of a whole step: every layer's fused program, where a layer
-    that shares its neighbour's selection runs only the gather and the attention."""
+    that shares its neighbour's selection runs only the attention over the chosen clusters. ``step`` is a later
+    step's cost (under semi2k the masks of the cache, opened at the first step, are reused), ``first_step`` the cost of
+    the first step over a cache the parties have not opened yet."""
     methods = {label: MPCache(MPCacheConfig(**config)) for label, config in MPC_CONFIGS.items()}
     rows = []
     for model, shape in SHAPES.items():
@@ -118,13 +120,14 @@ def mpc_costs(protocols: list[str], contexts: dict[str, list[int]]) -> list[dict
                 for r in results:
                     method = methods.get(r["label"]["method"])
                     sharing = sum(method.shares(layer) for layer in range(shape["layers"])) if method else 0
-                    shared = r.get("shared_cost", r["cost"])
-                    step = {k: r["cost"][k] * (shape["layers"] - sharing) + shared[k] * sharing for k in ("bytes", "rounds")}
+                    step, first = ({k: r[cost][k] * (shape["layers"] - sharing) + r.get(f"{prefix}shared_cost", r[cost])[k] * sharing
+                                    for k in ("bytes", "rounds")} for cost, prefix in (("cost", ""), ("first_cost", "first_")))
                     if method:  # the rounds SPU spends running the KV heads' top-k one after another, saved if run side by side
                         serial = r["select_cost"]["rounds"] - r["select_one_head_cost"]["rounds"]
                         step["rounds_heads_in_parallel"] = step["rounds"] - serial * (shape["layers"] - sharing)
                     rows.append({"model": model, "protocol": protocol, **r["label"], "layer": r["cost"], "operators": r["operators"],
-                                 "step": step, "simulation_s": round(r["seconds"], 2), "latency_s": latencies(step["bytes"], step["rounds"]),
+                                 "step": step, "first_step": first, "simulation_s": round(r["seconds"], 2),
+                                 "latency_s": latencies(step["bytes"], step["rounds"]),
                                  "lan_s_heads_in_parallel": NETWORKS[0].seconds(step["bytes"], step.get("rounds_heads_in_parallel", step["rounds"]))})
     return rows
 
@@ -194,10 +197,12 @@ def mpc_report(rows: list[dict]) -> list[str]:
              "30% static keep and 6% budget unless its label says otherwise), bytes sent by all parties and rounds (most send actions of "
              "a party), from SPU's counters; latency from them under the two network profiles, half a round trip a round (and, in the "
              "columns so named, a whole one; or with the rounds SPU spends running the KV heads' top-k one after another taken out, "
-             "as if they ran side by side, measured as the selection's rounds for all heads less those for one):", "",
+             "as if they ran side by side, measured as the selection's rounds for all heads less those for one). A step after the first: "
+             "under semi2k the cache's masks, opened at the first step, are reused (SPU's Beaver cache); the first step's bytes, "
+             "every mask fresh, are the last columns:", "",
              "| model | protocol | context | method | full MB | method MB | x less | full rounds | method rounds | LAN full / method s | x | "
-             "x, RTT a round | x, heads' top-k side by side | WAN full / method s | x | x, RTT a round |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "x, RTT a round | x, heads' top-k side by side | WAN full / method s | x | x, RTT a round | first step: full / method MB | x less |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     full_of = {(r["model"], r["protocol"], r["context"]): r for r in rows if r["method"] == "full"}
     for mine in (r for r in rows if r["method"] != "full"):
         full = full_of[(mine["model"], mine["protocol"], mine["context"])]
@@ -207,8 +212,10 @@ def mpc_report(rows: list[dict]) -> list[str]:
                      f"{mine['step']['bytes'] / 1e6:.1f} | {full['step']['bytes'] / mine['step']['bytes']:.2f} | {full['step']['rounds']} | "
                      f"{mine['step']['rounds']} | {lan[0]:.3f} / {lan[1]:.3f} | {lan[0] / lan[1]:.2f} | {ratio(full, mine, 'LAN, RTT a round'):.2f} | "
                      f"{lan[0] / mine['lan_s_heads_in_parallel']:.2f} | "
-                     f"{wan[0]:.2f} / {wan[1]:.2f} | {wan[0] / wan[1]:.2f} | {ratio(full, mine, 'WAN, RTT a round'):.2f} |")
-    lines += ["", "Per operator, one layer (MB / rounds):", ""]
+                     f"{wan[0]:.2f} / {wan[1]:.2f} | {wan[0] / wan[1]:.2f} | {ratio(full, mine, 'WAN, RTT a round'):.2f} | "
+                     f"{full['first_step']['bytes'] / 1e6:.1f} / {mine['first_step']['bytes'] / 1e6:.1f} | "
+                     f"{full['first_step']['bytes'] / mine['first_step']['bytes']:.2f} |")
+    lines += ["", "Per operator, one layer, a step after the first (MB / rounds):", ""]
     names = list(dict.fromkeys(n for r in rows for n in r["operators"]))
     lines += ["| model | protocol | context | method | " + " | ".join(names) + " |", "| --- | --- | --- | --- |" + " --- |" * len(names)]
     for r in rows:

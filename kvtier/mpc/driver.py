@@ -32,7 +32,8 @@ def run_mpc(tasks: list[dict], arrays: dict[str, np.ndarray] | None = None, time
             np.savez(folder / "inputs.npz", **{k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()})
             job["inputs"] = str(folder / "inputs.npz")
         (folder / "job.json").write_text(json.dumps(job))
-        done = subprocess.run([str(python), str(WORKER), str(folder / "job.json")], capture_output=True, text=True, timeout=timeout)
+        # in the job's folder: SPU's Beaver cache may spill opened masks to a database in the working directory
+        done = subprocess.run([str(python), str(WORKER), str(folder / "job.json")], capture_output=True, text=True, timeout=timeout, cwd=folder)
         if done.returncode:
             raise MPCWorkerError(f"the MPC worker exited with {done.returncode}: {done.stderr.strip()[-2000:]}")
         results = json.loads((folder / "result.json").read_text())

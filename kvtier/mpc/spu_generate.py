@@ -10,12 +10,13 @@ from functools import partial
 import jax
 import numpy as np
 from spu_llama import LAYER_WEIGHTS, Shape, cluster_bounds, decode, evict, prefill
-from spu_programs import Bound, Plan
+from spu_programs import Bound, Plan, one_hot_by_bits
 
 
 def _weights(parties, arrays: dict[str, np.ndarray], shape: Shape) -> dict:
-    """The checkpoint's arrays, secret-shared once (the server's input)."""
-    share = parties.share
+    """The checkpoint's arrays, secret-shared once (the server's input) and kept in the parties' runtimes, so every
+    program reads the same shares (what lets semi2k reuse their masks)."""
+    share = parties.keep
     return {"embed": share(arrays["embed"]), "norm": share(arrays["norm"]), "lm_head": share(arrays["lm_head"]),
             "layers": [{name: share(arrays[f"layers.{i}.{name}"]) for name in LAYER_WEIGHTS} for i in range(shape.layers)]}
 
@@ -72,7 +73,7 @@ def generate_job(parties, task: dict, arrays: dict[str, np.ndarray]) -> tuple[di
         if mp:
             counts = mp["steps"][step]
             selections = [Plan(counts["keep1"], counts["keep2"], mp["size2"], mp["size1"] // mp["size2"], Bound(mp["bound"], mp["alpha"]),
-                               mp["hierarchy"])] * shape.layers
+                               mp["hierarchy"], one_hot_by_bits(task["protocol"]))] * shape.layers
 
         step_fn = partial(decode, shape, position=position, selections=selections, shares=mp["shares"] if mp else [False] * shape.layers)
         (index, row, caches, last), cost, seconds = _run(parties, step_fn, weights, row, caches)

@@ -1,6 +1,10 @@
 """A Llama decoder as JAX programs for SPU: prefill, MPCache's look-once eviction, and one decoding step with the full
 cache or MPCache, every weight, activation and cache entry secret. Runs in the MPC environment (no torch, no kvtier).
 
+The weights stay in the parties' runtimes from the prefill to the last step and pass through ``fixed``: under semi2k
+their Beaver masks are opened once, at the prefill, and every later product with them sends only the activations and
+the result.
+
 Public: the model's shape, positions (so RoPE's cos and sin are constants), the number of tokens so far, and the
 counts MPCache makes public (tokens kept by the static eviction, clusters kept per level). Secret: the prompt, the
 weights, every activation, the KV cache, the clusters' bounds, which tokens were kept and which clusters were read,
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
-from spu_programs import MASKED, Plan, attention, exp_scores, gather, select, softmax
+from spu_programs import MASKED, Plan, attention, exp_scores, fixed, select, softmax, sparse_attention
 
 BIG = 1e4  # a public bound no key coordinate reaches: the neutral element of a cluster's min (and -BIG of its max)
 
@@ -86,6 +90,7 @@ def prefill(shape: Shape, weights: dict, onehot: jnp.ndarray, window: int) -> tu
     one-hot), each layer's K and V [Hkv, n, D], each layer's last ``window`` queries [Hkv, g, window, D], the logits."""
     n = onehot.shape[0]
     cos, sin = rope_tables(shape, np.arange(n))
+    weights = jax.tree_util.tree_map(fixed, weights)
     x = onehot @ weights["embed"]
     causal = np.where(np.arange(n)[None, :] <= np.arange(n)[:, None], 0.0, MASKED).astype(np.float32)
     caches, windows = [], []
@@ -134,18 +139,12 @@ def append_bounds(lo: jnp.ndarray, hi: jnp.ndarray, key: jnp.ndarray, slot: int,
     return lo.at[:, c].set(jnp.minimum(lo[:, c], key)), hi.at[:, c].set(jnp.maximum(hi[:, c], key))
 
 
-def sparse_attention(q: jnp.ndarray, keys: jnp.ndarray, values: jnp.ndarray, rows: jnp.ndarray, size: int, scale: float) -> jnp.ndarray:
+def cluster_attention(q: jnp.ndarray, keys: jnp.ndarray, values: jnp.ndarray, rows: jnp.ndarray, size: int, scale: float) -> jnp.ndarray:
     """Attention over the chosen clusters only; slots past the cache's end in a partial last cluster are masked."""
-    heads, n, d = keys.shape
-    pad = -n % size
-    padded_k = jnp.pad(keys, ((0, 0), (0, pad), (0, 0))).reshape(heads, -1, size, d)
-    padded_v = jnp.pad(values, ((0, 0), (0, pad), (0, 0))).reshape(heads, -1, size, d)
-    valid = (np.arange(n + pad) < n).astype(np.float32).reshape(-1, size)  # public
-    mask = jnp.einsum("hkc,cs->hks", rows, valid).reshape(heads, 1, -1)  # 1 where a chosen slot holds a token
-    k_sel, v_sel = gather(rows, padded_k, size), gather(rows, padded_v, size)
-    s = jnp.einsum("hgd,hnd->hgn", q, k_sel) * scale + (1 - mask) * MASKED
-    e, inv = exp_scores(s)
-    return jnp.einsum("hgn,hnd->hgd", e, v_sel) * inv
+    pad = -keys.shape[1] % size
+    valid = (np.arange(keys.shape[1] + pad) < keys.shape[1]).astype(np.float32)  # public
+    padded_k, padded_v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0))) for x in (keys, values))
+    return sparse_attention(q, padded_k.transpose(0, 2, 1), padded_v, rows, size, scale, valid)
 
 
 def decode(shape: Shape, weights: dict, row: jnp.ndarray, caches: list, position: int, selections: list[Plan | None] | None,
@@ -154,6 +153,7 @@ def decode(shape: Shape, weights: dict, row: jnp.ndarray, caches: list, position
     (index, one-hot row), each layer's cache after appending, and the logits. ``caches``: per layer (K, V) or, with MPCache, (K, V,
     bounds). ``selections``: per layer the step's public counts (None: every cluster is read); None: the full cache."""
     cos, sin = rope_tables(shape, np.array([position]))
+    weights = jax.tree_util.tree_map(fixed, weights)
     x = row @ weights["embed"]
     scale = shape.head_dim ** -0.5
     updated, rows = [], None
@@ -163,7 +163,7 @@ def decode(shape: Shape, weights: dict, row: jnp.ndarray, caches: list, position
         q = q[:, :, 0]
         if selections is None:
             updated.append((keys, values))
-            attended = attention(q, keys, values, scale)
+            attended = attention(q, keys.transpose(0, 2, 1), values, scale)
         else:
             sel, bounds = selections[layer], dict(cache[2])
             slot = keys.shape[1] - 1
@@ -171,11 +171,11 @@ def decode(shape: Shape, weights: dict, row: jnp.ndarray, caches: list, position
                 bounds[f"lo{level}"], bounds[f"hi{level}"] = append_bounds(bounds[f"lo{level}"], bounds[f"hi{level}"], k[:, 0], slot, size)
             updated.append((keys, values, bounds))
             if sel.keep2 >= -(-keys.shape[1] // sel.size):
-                rows, attended = None, attention(q, keys, values, scale)
+                rows, attended = None, attention(q, keys.transpose(0, 2, 1), values, scale)
             else:
                 if not shares[layer] or rows is None:
-                    rows = select(q, *(bounds[n] for n in ("lo1", "hi1", "lo2", "hi2")), sel)[0]
-                attended = sparse_attention(q, keys, values, rows, sel.size, scale)
+                    rows = select(q, *(bounds[n].transpose(0, 2, 1) for n in ("lo1", "hi1", "lo2", "hi2")), sel)[0]
+                attended = cluster_attention(q, keys, values, rows, sel.size, scale)
         x = finish(shape, w, x, attended[:, :, None])
     index, row, logits = next_token(shape, weights, x)
     return index, row, updated, logits

@@ -1,15 +1,20 @@
 """The JAX programs SPU runs for one layer of a private decoding step: full-cache attention and MPCache's, operator by
 operator. Runs in the MPC environment (numpy < 2, jax <= 0.4.34, spu): it imports neither torch nor the rest of kvtier.
 
-Shapes: one decode query per sequence, grouped-query attention: q [Hkv, g, D] (RoPE applied), the cache K, V
-[Hkv, T, D], the clusters' elementwise key bounds lo1, hi1 [Hkv, C1, D] and lo2, hi2 [Hkv, C2, D] (kept up to date
-as tokens are appended). Everything secret but the shapes and the counts MPCache makes public: T, the
-cluster sizes, how many clusters each level keeps.
+Shapes: one decode query per sequence, grouped-query attention: q [Hkv, g, D] (RoPE applied), the cache's keys
+transposed, kt [Hkv, D, T], its values v [Hkv, T, D], the clusters' elementwise key bounds, transposed too, lo1, hi1
+[Hkv, D, C1] and lo2, hi2 [Hkv, D, C2] (kept up to date as tokens are appended). Keys and bounds are stored
+transposed because SPU's Beaver cache finds a cached operand of ``q . K^T`` only in that layout. Everything secret but
+the shapes and the counts MPCache makes public: T, the cluster sizes, how many clusters each level keeps.
 
 MPCache's selection is the plaintext method's (kvtier/kv_methods/mpcache.py): a cluster's score is the best of the
 query heads that share its KV head; the first and last clusters are always kept (public positions: a public bonus);
 level 2 scores only the children of the kept level-1 clusters (a mask: scores against the level's k-th best); the chosen
-level-2 clusters are gathered by a one-hot matrix product, so their indices stay secret.
+clusters' scores are gathered by a one-hot matrix product, so their indices stay secret.
+
+Values written once and read at every later step (K, V, the clusters' bounds) pass through ``fixed``: under semi2k,
+SPU's Beaver cache then opens each one's masked value once and reuses it in every later product, so a step's products
+with the cache send only their other operand and their result.
 """
 
 from __future__ import annotations
@@ -19,14 +24,22 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+from spu.experimental import make_cached_var
 
 PIN = 1e4  # a public bonus that puts the first and last clusters above any score (|q . r| stays far below it)
 MASKED = -100.0  # added to a score attention must skip: its exp is 0 in fixed point (SPU's exp goes wrong far below -1000)
 
 
-def scores(q: jnp.ndarray, keys: jnp.ndarray, scale: float) -> jnp.ndarray:
-    """q [Hkv, g, D] . keys [Hkv, N, D] -> [Hkv, g, N], scaled."""
-    return jnp.einsum("hgd,hnd->hgn", q, keys) * scale
+def fixed(x: jnp.ndarray) -> jnp.ndarray:
+    """``x`` marked as written once (SPU's ``make_cached_var``): semi2k opens its Beaver mask at its first product and
+    reuses it in every later one, in this program and the next ones, for as long as the value stays in the parties'
+    runtimes. A no-op under ABY3 and Cheetah, whose products never open their operands."""
+    return make_cached_var(x)
+
+
+def scores(q: jnp.ndarray, kt: jnp.ndarray, scale: float) -> jnp.ndarray:
+    """q [Hkv, g, D] . kt [Hkv, D, N] -> [Hkv, g, N], scaled."""
+    return jnp.einsum("hgd,hdn->hgn", q, kt) * scale
 
 
 def softmax(s: jnp.ndarray) -> jnp.ndarray:
@@ -49,14 +62,14 @@ def weighted_sum(p: jnp.ndarray, values: jnp.ndarray) -> jnp.ndarray:
     return jnp.einsum("hgn,hnd->hgd", p, values)
 
 
-def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, scale: float) -> jnp.ndarray:
-    e, inv = exp_scores(scores(q, k, scale))
+def attention(q: jnp.ndarray, kt: jnp.ndarray, v: jnp.ndarray, scale: float) -> jnp.ndarray:
+    e, inv = exp_scores(scores(q, kt, scale))
     return weighted_sum(e, v) * inv
 
 
 @dataclass(frozen=True)
 class Bound:
-    """How a cluster is scored from its keys' elementwise min and max (``lo``, ``hi`` [Hkv, C, D]): the paper's
+    """How a cluster is scored from its keys' elementwise min and max (``lo``, ``hi`` [Hkv, D, C]): the paper's
     linearised q . (alpha hi + (1 - alpha) lo), one secret mat-vec; or Quest's exact sum_d max(q_d hi_d, q_d lo_d),
     which needs no comparison per cluster either: as hi >= lo, the positive part of q meets hi and the negative part
     lo, so one ReLU of q (D comparisons per query head) and two mat-vecs give it exactly."""
@@ -66,11 +79,11 @@ class Bound:
 
     def __call__(self, q: jnp.ndarray, lo: jnp.ndarray, hi: jnp.ndarray) -> jnp.ndarray:
         """Every cluster's score for a KV head's best query head: [Hkv, C]."""
-        if self.kind == "linear":
-            s = jnp.einsum("hgd,hcd->hgc", q, self.alpha * hi + (1 - self.alpha) * lo)
+        if self.kind == "linear":  # two products with the bounds themselves, so a fixed bound's mask serves every step
+            s = self.alpha * jnp.einsum("hgd,hdc->hgc", q, hi) + (1 - self.alpha) * jnp.einsum("hgd,hdc->hgc", q, lo)
         else:
             positive = jnp.maximum(q, 0.0)
-            s = jnp.einsum("hgd,hcd->hgc", positive, hi) + jnp.einsum("hgd,hcd->hgc", q - positive, lo)
+            s = jnp.einsum("hgd,hdc->hgc", positive, hi) + jnp.einsum("hgd,hdc->hgc", q - positive, lo)
         return s.max(1)
 
 
@@ -84,6 +97,13 @@ class Plan:
     per: int
     bound: Bound = Bound()
     hierarchy: bool = True
+    bits: bool = False  # the one-hot rows from the indices' bits (``one_hot``): the cheaper way under semi2k
+
+
+def one_hot_by_bits(protocol: str) -> bool:
+    """Whether ``one_hot`` should spell the indices' bits under ``protocol``: under semi2k an equality test costs about
+    2.3x the bytes of the products that replace it; under ABY3 it is the cheaper of the two."""
+    return protocol == "semi2k"
 
 
 def pin_ends(s: jnp.ndarray) -> jnp.ndarray:
@@ -96,11 +116,27 @@ def top_clusters(s: jnp.ndarray, count: int) -> jnp.ndarray:
     return jax.lax.top_k(s, count)[1]
 
 
-def one_hot(index: jnp.ndarray, clusters: int) -> jnp.ndarray:
-    """[Hkv, k] secret indices -> [Hkv, k, clusters] secret one-hot rows (an equality test against public positions).
+def one_hot(index: jnp.ndarray, clusters: int, bits: bool = False) -> jnp.ndarray:
+    """[Hkv, k] secret indices -> [Hkv, k, clusters] secret one-hot rows: an equality test against each public position,
+    or with ``bits`` from the indices' log2(C) bits (the paper's gather works at that width): each half of the bits
+    spelled out as a one-hot table by doubling, then the two tables' outer product, one secret product a position.
     Integers, not fixed point: a product with them needs no truncation, which under ABY3 costs more than the gather's
     product itself when the rows come into a program as fixed-point values."""
-    return (index[..., None] == jnp.arange(clusters)).astype(jnp.int32)
+    if not bits:
+        return (index[..., None] == jnp.arange(clusters)).astype(jnp.int32)
+    width = max(1, (clusters - 1).bit_length())
+    digits = [jnp.right_shift(index, j) & 1 for j in range(width)]
+    low, high = bit_table(digits[: width // 2], index.shape), bit_table(digits[width // 2:], index.shape)
+    return (high[..., :, None] * low[..., None, :]).reshape(*index.shape, -1)[..., :clusters]
+
+
+def bit_table(digits: list[jnp.ndarray], shape: tuple[int, ...]) -> jnp.ndarray:
+    """The one-hot rows [*shape, 2^len(digits)] of the values these secret bits spell, least significant first."""
+    table = jnp.ones((*shape, 1), jnp.int32)
+    for digit in digits:
+        hit = table * digit[..., None]
+        table = jnp.concatenate([table - hit, hit], -1)
+    return table
 
 
 def kept_clusters(s: jnp.ndarray, count: int) -> jnp.ndarray:
@@ -114,11 +150,33 @@ def child_mask(kept: jnp.ndarray, per: int) -> jnp.ndarray:
     return (jnp.repeat(kept, per, axis=-1) - 1) * 2 * PIN
 
 
-def gather(onehot: jnp.ndarray, blocks: jnp.ndarray, size: int) -> jnp.ndarray:
-    """onehot [Hkv, k, C] . the cache as clusters [Hkv, C, size * D] -> the chosen clusters' tokens [Hkv, k * size, D]."""
-    heads, clusters = blocks.shape[0], onehot.shape[-1]
-    flat = blocks.reshape(heads, clusters, -1)
-    return jnp.einsum("hkc,hcx->hkx", onehot, flat).reshape(heads, -1, blocks.shape[-1])
+def by_cluster(x: jnp.ndarray, size: int) -> jnp.ndarray:
+    """[Hkv, g, C * size] -> [Hkv, C, g * size]: each cluster's entries for every query head, one row a cluster."""
+    heads, g, n = x.shape
+    return x.reshape(heads, g, n // size, size).transpose(0, 2, 1, 3).reshape(heads, n // size, g * size)
+
+
+def by_head(x: jnp.ndarray, g: int) -> jnp.ndarray:
+    """The inverse of ``by_cluster``: [Hkv, C, g * size] -> [Hkv, g, C * size]."""
+    heads, clusters, width = x.shape
+    return x.reshape(heads, clusters, g, width // g).transpose(0, 2, 1, 3).reshape(heads, g, -1)
+
+
+def sparse_attention(q: jnp.ndarray, kt: jnp.ndarray, v: jnp.ndarray, onehot: jnp.ndarray, size: int, scale: float,
+                     valid: jnp.ndarray | None = None) -> jnp.ndarray:
+    """Attention over the clusters the one-hot rows [Hkv, k, C] choose from the cache kt, v (C * size tokens): every
+    key's score from one product with the cache, the chosen clusters' scores gathered by a product with the one-hot
+    rows, the softmax over those alone, its probabilities put back in place by the transposed one-hot, and one product
+    with the cache's values. The gathers move g numbers a token, not D, and both products with the cache have an
+    operand that ``fixed`` can cache. ``valid`` (public, [C * size]): 0 at slots past the cache's end."""
+    g = q.shape[1]
+    s = scores(q, kt, scale)
+    if valid is not None:
+        s = s + (1 - valid) * MASKED
+    chosen = jnp.einsum("hkc,hcx->hkx", onehot, by_cluster(s, size))
+    e, inv = exp_scores(by_head(chosen, g))
+    back = jnp.einsum("hkc,hkx->hcx", onehot, by_cluster(e, size))
+    return weighted_sum(by_head(back, g), v) * inv
 
 
 def select(q: jnp.ndarray, lo1: jnp.ndarray, hi1: jnp.ndarray, lo2: jnp.ndarray, hi2: jnp.ndarray, plan: Plan) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -129,14 +187,14 @@ def select(q: jnp.ndarray, lo1: jnp.ndarray, hi1: jnp.ndarray, lo2: jnp.ndarray,
         kept1 = kept_clusters(pin_ends(plan.bound(q, lo1, hi1)), plan.keep1)
         s2 = s2 + child_mask(kept1, plan.per)[..., : s2.shape[-1]]
     index = top_clusters(pin_ends(s2), plan.keep2)
-    return one_hot(index, s2.shape[-1]), index
+    return one_hot(index, s2.shape[-1], plan.bits), index
 
 
-def mpcache_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, lo1: jnp.ndarray, hi1: jnp.ndarray, lo2: jnp.ndarray, hi2: jnp.ndarray,
+def mpcache_attention(q: jnp.ndarray, kt: jnp.ndarray, v: jnp.ndarray, lo1: jnp.ndarray, hi1: jnp.ndarray, lo2: jnp.ndarray, hi2: jnp.ndarray,
                       scale: float, plan: Plan) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Attention over the chosen clusters only, and the chosen indices (revealed by the caller for checking only)."""
     onehot, index = select(q, lo1, hi1, lo2, hi2, plan)
-    return attention(q, gather(onehot, k, plan.size), gather(onehot, v, plan.size), scale), index
+    return sparse_attention(q, kt, v, onehot, plan.size, scale), index
 
 
 @dataclass(frozen=True)
@@ -149,21 +207,27 @@ class Stage:
     outputs: tuple[str, ...]
 
 
-def attention_stages(scale: float, keys: str = "k", values: str = "v") -> list[Stage]:
-    return [Stage("attention matmuls", lambda q, k: scores(q, k, scale), ("q", keys), ("s",)),
+def attention_stages(scale: float) -> list[Stage]:
+    """Full-cache attention operator by operator; the cache ``fixed``."""
+    return [Stage("attention matmuls", lambda q, k: scores(q, fixed(k), scale), ("q", "k"), ("s",)),
             Stage("softmax", exp_scores, ("s",), ("e", "inv")),
-            Stage("attention matmuls", weighted_sum, ("e", values), ("u",)),
+            Stage("attention matmuls", lambda e, v: weighted_sum(e, fixed(v)), ("e", "v"), ("u",)),
             Stage("softmax", lambda u, inv: u * inv, ("u", "inv"), ("out",))]
 
 
-def mpcache_stages(scale: float, plan: Plan) -> list[Stage]:
-    """MPCache's layer operator by operator."""
-    stages = [Stage("similarity", lambda q, lo2, hi2: plan.bound(q, lo2, hi2), ("q", "lo2", "hi2"), ("s2",))]
+def mpcache_stages(scale: float, plan: Plan, g: int) -> list[Stage]:
+    """MPCache's layer operator by operator (``g`` query heads a KV head); the cache and its bounds ``fixed``."""
+    stages = [Stage("similarity", lambda q, lo2, hi2: plan.bound(q, fixed(lo2), fixed(hi2)), ("q", "lo2", "hi2"), ("s2",))]
     if plan.hierarchy:
-        stages += [Stage("similarity", lambda q, lo1, hi1: pin_ends(plan.bound(q, lo1, hi1)), ("q", "lo1", "hi1"), ("s1",)),
+        stages += [Stage("similarity", lambda q, lo1, hi1: pin_ends(plan.bound(q, fixed(lo1), fixed(hi1))), ("q", "lo1", "hi1"), ("s1",)),
                    Stage("top-k", lambda s1: kept_clusters(s1, plan.keep1), ("s1",), ("kept1",)),
                    Stage("similarity", lambda kept1, s2: s2 + child_mask(kept1, plan.per)[..., : s2.shape[-1]], ("kept1", "s2"), ("s2",))]
     stages += [Stage("top-k", lambda s2: top_clusters(pin_ends(s2), plan.keep2), ("s2",), ("i2",)),
-               Stage("one-hot", lambda i2, s2: one_hot(i2, s2.shape[-1]), ("i2", "s2"), ("onehot",)),
-               Stage("gather", lambda onehot, k, v: (gather(onehot, k, plan.size), gather(onehot, v, plan.size)), ("onehot", "k", "v"), ("k_sel", "v_sel"))]
-    return stages + attention_stages(scale, "k_sel", "v_sel")
+               Stage("one-hot", lambda i2, s2: one_hot(i2, s2.shape[-1], plan.bits), ("i2", "s2"), ("onehot",)),
+               Stage("attention matmuls", lambda q, k: by_cluster(scores(q, fixed(k), scale), plan.size), ("q", "k"), ("s",)),
+               Stage("gather", lambda onehot, s: by_head(jnp.einsum("hkc,hcx->hkx", onehot, s), g), ("onehot", "s"), ("s_sel",)),
+               Stage("softmax", exp_scores, ("s_sel",), ("e", "inv")),
+               Stage("gather", lambda onehot, e: by_head(jnp.einsum("hkc,hkx->hcx", onehot, by_cluster(e, plan.size)), g), ("onehot", "e"), ("p",)),
+               Stage("attention matmuls", lambda p, v: weighted_sum(p, fixed(v)), ("p", "v"), ("u",)),
+               Stage("softmax", lambda u, inv: u * inv, ("u", "inv"), ("out",))]
+    return stages

@@ -27,7 +27,18 @@ import spu.utils.frontend as spu_fe  # noqa: E402
 from profile_log import Cost, parse_profile  # noqa: E402
 from spu import api as spu_api  # noqa: E402
 from spu_generate import generate_job  # noqa: E402
-from spu_programs import Bound, Plan, attention, attention_stages, gather, mpcache_attention, mpcache_stages, select  # noqa: E402
+from spu_programs import (  # noqa: E402
+    Bound,
+    Plan,
+    attention,
+    attention_stages,
+    fixed,
+    mpcache_attention,
+    mpcache_stages,
+    one_hot_by_bits,
+    select,
+    sparse_attention,
+)
 
 PROTOCOLS = {"semi2k": (libspu.ProtocolKind.SEMI2K, 2), "cheetah": (libspu.ProtocolKind.CHEETAH, 2), "aby3": (libspu.ProtocolKind.ABY3, 3)}
 LIBC = ctypes.CDLL(None)
@@ -44,6 +55,7 @@ class Secret:
     shares: list
     shape: tuple[int, ...]
     dtype: np.dtype
+    name: str | None = None  # set while the value stays in the parties' runtimes between programs (``Parties.keep``)
 
 
 class Parties:
@@ -64,6 +76,7 @@ class Parties:
         self._each(lambda rank: self.runtimes.__setitem__(rank, spu_api.Runtime(libspu.link.create_mem(desc, rank),
                                                                                   libspu.RuntimeConfig(self.config))))
         self.programs = 0
+        self.kept = 0
 
     def _each(self, work) -> None:
         errors: list[BaseException] = []
@@ -86,6 +99,15 @@ class Parties:
         value = np.asarray(value)
         return Secret(self.io.make_shares(value, libspu.Visibility.VIS_SECRET), value.shape, value.dtype)
 
+    def keep(self, value: np.ndarray) -> Secret:
+        """``value`` shared once and left in every party's runtime, so the programs that read it see the same buffer:
+        what SPU's Beaver cache needs to reuse a ``fixed`` value's mask from one program to the next."""
+        shared = self.share(value)
+        self.kept += 1
+        name = f"kept{self.kept}"
+        self._each(lambda rank: self.runtimes[rank].set_var(name, shared.shares[rank]))
+        return Secret(shared.shares, shared.shape, shared.dtype, name)
+
     def reveal(self, value: Secret) -> np.ndarray:
         return self.io.reconstruct(list(value.shares))
 
@@ -94,7 +116,7 @@ class Parties:
         by SPU's counters, and its seconds."""
         args = [a if isinstance(a, Secret) else self.share(a) for a in args]
         self.programs += 1
-        names = [f"p{self.programs}_in{i}" for i in range(len(args))]
+        names = [a.name or f"p{self.programs}_in{i}" for i, a in enumerate(args)]
         examples = [np.zeros(a.shape, a.dtype) for a in args]
         executable, _ = spu_fe.compile(spu_fe.Kind.JAX, fn, examples, {}, names, [libspu.Visibility.VIS_SECRET] * len(args),
                                        lambda outs: [f"p{self.programs}_out{i}" for i in range(len(outs))])
@@ -102,11 +124,13 @@ class Parties:
 
         def party(rank: int) -> None:
             rt = self.runtimes[rank]
+            passed = [name for name, a in zip(names, args) if a.name is None]
             for name, a in zip(names, args):
-                rt.set_var(name, a.shares[rank])
+                if a.name is None:
+                    rt.set_var(name, a.shares[rank])
             rt.run(executable)
             results[rank] = [rt.get_var(n) for n in executable.output_names]
-            for name in [*names, *executable.output_names]:
+            for name in [*passed, *executable.output_names]:
                 rt.del_var(name)
 
         with tempfile.TemporaryFile(mode="w+") as log:
@@ -141,43 +165,57 @@ def run_stages(parties: Parties, stages, values: dict[str, np.ndarray]) -> dict[
     return costs
 
 
-def plan_of(params: dict) -> Plan:
+def plan_of(params: dict, protocol: str) -> Plan:
     """A job's MPCache parameters (kvtier's public counts) as the programs' plan."""
     return Plan(params["keep1"], params["keep2"], params["size"], params["per"], Bound(params.get("bound", "linear"), params.get("alpha", 0.6)),
-                params["hierarchy"])
+                params["hierarchy"], one_hot_by_bits(protocol))
+
+
+def twice(parties: Parties, fn, args: list) -> tuple[list[Secret], Cost, Cost, float, list[Secret]]:
+    """``fn`` run two times on the same inputs, arrays among them shared once and kept in the runtimes: the first run
+    is a step whose cache the parties have not opened yet (under semi2k it opens the masks of the ``fixed`` values), the
+    second a later step's (it reuses them). The second run's outputs, both costs, its seconds, and the inputs as kept."""
+    kept = [a if isinstance(a, Secret) else parties.keep(a) for a in args]
+    _, first, _ = parties.run(fn, kept)
+    outs, again, seconds = parties.run(fn, kept)
+    return outs, first, again, seconds, kept
 
 
 def attention_job(parties: Parties, job: dict, arrays: dict[str, np.ndarray]) -> tuple[dict, dict[str, np.ndarray]]:
-    """One layer's attention for one decode query, full-cache or MPCache: the fused program's outputs and cost (for
-    MPCache also the cost of a layer that shares the selection: gather and attention), and with ``breakdown`` the cost
-    of each operator run on its own (attribution: programs cut apart cost more than the fused one, which is what a
-    step runs)."""
+    """One layer's attention for one decode query, full-cache or MPCache, the cache and its bounds ``fixed``: the fused
+    program's outputs and its cost at a later step (``cost``: the masks of the cache reused) and at the first
+    (``first_cost``); for MPCache also the cost of a layer that shares the selection (``shared_cost``,
+    ``first_shared_cost``) and of the selection; with ``breakdown`` each operator run on its own at a later step
+    (attribution: programs cut apart cost more than the fused one, which is what a step runs)."""
     p = job["params"]
     scale, kind = p["scale"], job["kind"]
-    q, k, v = arrays["q"], arrays["k"], arrays["v"]
+    q, v = arrays["q"], arrays["v"]
+    k = np.ascontiguousarray(arrays["k"].transpose(0, 2, 1))  # the programs' layouts: keys and bounds transposed
     extra: dict = {}
     if kind == "full":
-        (out,), cost, seconds = parties.run(lambda q, k, v: attention(q, k, v, scale), [q, k, v])
+        (out,), first, cost, seconds, kept = twice(parties, lambda q, k, v: attention(q, fixed(k), fixed(v), scale), [q, k, v])
         outputs = {"out": parties.reveal(out)}
         stages = attention_stages(scale)
     else:
-        plan = plan_of(p)
-        bounds = [arrays[n] for n in ("lo1", "hi1", "lo2", "hi2")]
-        (out, index), cost, seconds = parties.run(lambda q, k, v, *b: mpcache_attention(q, k, v, *b, scale, plan), [q, k, v, *bounds])
+        plan = plan_of(p, job["protocol"])
+        bounds = [np.ascontiguousarray(arrays[n].transpose(0, 2, 1)) for n in ("lo1", "hi1", "lo2", "hi2")]
+        (out, index), first, cost, seconds, kept = twice(
+            parties, lambda q, k, v, *b: mpcache_attention(q, fixed(k), fixed(v), *map(fixed, b), scale, plan), [q, k, v, *bounds])
         outputs = {"out": parties.reveal(out), "index": parties.reveal(index)}
-        stages = mpcache_stages(scale, plan)
-        # a layer that shares its neighbour's selection: the gather and the attention, from the one-hot rows
-        (onehot, _), selecting, _ = parties.run(lambda q, *b: select(q, *b, plan), [q, *bounds])
+        stages = mpcache_stages(scale, plan, q.shape[1])
+        (onehot, _), selecting, _ = parties.run(lambda q, *b: select(q, *map(fixed, b), plan), [kept[0], *kept[3:]])
         # SPU's top-k runs the KV heads one after another; the selection for one head alone is what heads in parallel
         # would wait for (MPCache's own top-k forks a context per head)
         _, one_head, _ = parties.run(lambda q, *b: select(q, *b, plan), [q[:1], *(b[:1] for b in bounds)])
         extra["select_cost"], extra["select_one_head_cost"] = selecting.as_dict(), one_head.as_dict()
-        _, shared, _ = parties.run(lambda onehot, q, k, v: attention(q, gather(onehot, k, plan.size), gather(onehot, v, plan.size), scale),
-                                   [onehot, q, k, v])
-        extra["shared_cost"] = shared.as_dict()
-    result = {"cost": cost.as_dict(), "seconds": seconds, **extra}
+        # a layer that shares its neighbour's selection: attention over the clusters its one-hot rows choose
+        _, shared_first, shared, _, _ = twice(parties, lambda onehot, q, k, v: sparse_attention(q, fixed(k), fixed(v), onehot, plan.size, scale),
+                                              [onehot, q, k, v])
+        extra["shared_cost"], extra["first_shared_cost"] = shared.as_dict(), shared_first.as_dict()
+    result = {"cost": cost.as_dict(), "first_cost": first.as_dict(), "seconds": seconds, **extra}
     if job.get("breakdown"):
-        result["operators"] = run_stages(parties, stages, dict(arrays))
+        names = ["q", "k", "v"] if kind == "full" else ["q", "k", "v", "lo1", "hi1", "lo2", "hi2"]
+        result["operators"] = run_stages(parties, stages, dict(zip(names, kept)))
     return result, outputs
 
 
