@@ -162,6 +162,17 @@ def by_head(x: jnp.ndarray, g: int) -> jnp.ndarray:
     return x.reshape(heads, clusters, g, width // g).transpose(0, 2, 1, 3).reshape(heads, g, -1)
 
 
+def gather_clusters(onehot: jnp.ndarray, s: jnp.ndarray, size: int) -> jnp.ndarray:
+    """The chosen clusters' entries of s [Hkv, g, C * size], by a product with the one-hot rows [Hkv, k, C]:
+    [Hkv, g, k * size]."""
+    return by_head(jnp.einsum("hkc,hcx->hkx", onehot, by_cluster(s, size)), s.shape[1])
+
+
+def scatter_clusters(onehot: jnp.ndarray, e: jnp.ndarray, size: int) -> jnp.ndarray:
+    """The inverse placement: e [Hkv, g, k * size] back at its clusters' slots, zero elsewhere: [Hkv, g, C * size]."""
+    return by_head(jnp.einsum("hkc,hkx->hcx", onehot, by_cluster(e, size)), e.shape[1])
+
+
 def sparse_attention(q: jnp.ndarray, kt: jnp.ndarray, v: jnp.ndarray, onehot: jnp.ndarray, size: int, scale: float,
                      valid: jnp.ndarray | None = None) -> jnp.ndarray:
     """Attention over the clusters the one-hot rows [Hkv, k, C] choose from the cache kt, v (C * size tokens): every
@@ -169,14 +180,11 @@ def sparse_attention(q: jnp.ndarray, kt: jnp.ndarray, v: jnp.ndarray, onehot: jn
     rows, the softmax over those alone, its probabilities put back in place by the transposed one-hot, and one product
     with the cache's values. The gathers move g numbers a token, not D, and both products with the cache have an
     operand that ``fixed`` can cache. ``valid`` (public, [C * size]): 0 at slots past the cache's end."""
-    g = q.shape[1]
     s = scores(q, kt, scale)
     if valid is not None:
         s = s + (1 - valid) * MASKED
-    chosen = jnp.einsum("hkc,hcx->hkx", onehot, by_cluster(s, size))
-    e, inv = exp_scores(by_head(chosen, g))
-    back = jnp.einsum("hkc,hkx->hcx", onehot, by_cluster(e, size))
-    return weighted_sum(by_head(back, g), v) * inv
+    e, inv = exp_scores(gather_clusters(onehot, s, size))
+    return weighted_sum(scatter_clusters(onehot, e, size), v) * inv
 
 
 def select(q: jnp.ndarray, lo1: jnp.ndarray, hi1: jnp.ndarray, lo2: jnp.ndarray, hi2: jnp.ndarray, plan: Plan) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -215,8 +223,8 @@ def attention_stages(scale: float) -> list[Stage]:
             Stage("softmax", lambda u, inv: u * inv, ("u", "inv"), ("out",))]
 
 
-def mpcache_stages(scale: float, plan: Plan, g: int) -> list[Stage]:
-    """MPCache's layer operator by operator (``g`` query heads a KV head); the cache and its bounds ``fixed``."""
+def mpcache_stages(scale: float, plan: Plan) -> list[Stage]:
+    """MPCache's layer operator by operator; the cache and its bounds ``fixed``."""
     stages = [Stage("similarity", lambda q, lo2, hi2: plan.bound(q, fixed(lo2), fixed(hi2)), ("q", "lo2", "hi2"), ("s2",))]
     if plan.hierarchy:
         stages += [Stage("similarity", lambda q, lo1, hi1: pin_ends(plan.bound(q, fixed(lo1), fixed(hi1))), ("q", "lo1", "hi1"), ("s1",)),
@@ -224,10 +232,10 @@ def mpcache_stages(scale: float, plan: Plan, g: int) -> list[Stage]:
                    Stage("similarity", lambda kept1, s2: s2 + child_mask(kept1, plan.per)[..., : s2.shape[-1]], ("kept1", "s2"), ("s2",))]
     stages += [Stage("top-k", lambda s2: top_clusters(pin_ends(s2), plan.keep2), ("s2",), ("i2",)),
                Stage("one-hot", lambda i2, s2: one_hot(i2, s2.shape[-1], plan.bits), ("i2", "s2"), ("onehot",)),
-               Stage("attention matmuls", lambda q, k: by_cluster(scores(q, fixed(k), scale), plan.size), ("q", "k"), ("s",)),
-               Stage("gather", lambda onehot, s: by_head(jnp.einsum("hkc,hcx->hkx", onehot, s), g), ("onehot", "s"), ("s_sel",)),
+               Stage("attention matmuls", lambda q, k: scores(q, fixed(k), scale), ("q", "k"), ("s",)),
+               Stage("gather", lambda onehot, s: gather_clusters(onehot, s, plan.size), ("onehot", "s"), ("s_sel",)),
                Stage("softmax", exp_scores, ("s_sel",), ("e", "inv")),
-               Stage("gather", lambda onehot, e: by_head(jnp.einsum("hkc,hkx->hcx", onehot, by_cluster(e, plan.size)), g), ("onehot", "e"), ("p",)),
+               Stage("gather", lambda onehot, e: scatter_clusters(onehot, e, plan.size), ("onehot", "e"), ("p",)),
                Stage("attention matmuls", lambda p, v: weighted_sum(p, fixed(v)), ("p", "v"), ("u",)),
                Stage("softmax", lambda u, inv: u * inv, ("u", "inv"), ("out",))]
     return stages

@@ -202,8 +202,9 @@ def attention_job(parties: Parties, job: dict, arrays: dict[str, np.ndarray]) ->
         (out, index), first, cost, seconds, kept = twice(
             parties, lambda q, k, v, *b: mpcache_attention(q, fixed(k), fixed(v), *map(fixed, b), scale, plan), [q, k, v, *bounds])
         outputs = {"out": parties.reveal(out), "index": parties.reveal(index)}
-        stages = mpcache_stages(scale, plan, q.shape[1])
-        (onehot, _), selecting, _ = parties.run(lambda q, *b: select(q, *map(fixed, b), plan), [kept[0], *kept[3:]])
+        stages = mpcache_stages(scale, plan)
+        kept_q, _, _, *kept_bounds = kept
+        (onehot, _), selecting, _ = parties.run(lambda q, *b: select(q, *map(fixed, b), plan), [kept_q, *kept_bounds])
         # SPU's top-k runs the KV heads one after another; the selection for one head alone is what heads in parallel
         # would wait for (MPCache's own top-k forks a context per head)
         _, one_head, _ = parties.run(lambda q, *b: select(q, *b, plan), [q[:1], *(b[:1] for b in bounds)])
