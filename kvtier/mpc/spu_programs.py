@@ -215,12 +215,21 @@ class Stage:
     outputs: tuple[str, ...]
 
 
+def score_stage(scale: float) -> Stage:
+    """Every key's score, from one product with the ``fixed`` keys."""
+    return Stage("attention matmuls", lambda q, k: scores(q, fixed(k), scale), ("q", "k"), ("s",))
+
+
+def value_stages(probs: str) -> list[Stage]:
+    """The product of the (unnormalised) probabilities named ``probs`` with the ``fixed`` values, then the softmax's
+    reciprocal."""
+    return [Stage("attention matmuls", lambda p, v: weighted_sum(p, fixed(v)), (probs, "v"), ("u",)),
+            Stage("softmax", lambda u, inv: u * inv, ("u", "inv"), ("out",))]
+
+
 def attention_stages(scale: float) -> list[Stage]:
     """Full-cache attention operator by operator; the cache ``fixed``."""
-    return [Stage("attention matmuls", lambda q, k: scores(q, fixed(k), scale), ("q", "k"), ("s",)),
-            Stage("softmax", exp_scores, ("s",), ("e", "inv")),
-            Stage("attention matmuls", lambda e, v: weighted_sum(e, fixed(v)), ("e", "v"), ("u",)),
-            Stage("softmax", lambda u, inv: u * inv, ("u", "inv"), ("out",))]
+    return [score_stage(scale), Stage("softmax", exp_scores, ("s",), ("e", "inv")), *value_stages("e")]
 
 
 def mpcache_stages(scale: float, plan: Plan) -> list[Stage]:
@@ -230,12 +239,11 @@ def mpcache_stages(scale: float, plan: Plan) -> list[Stage]:
         stages += [Stage("similarity", lambda q, lo1, hi1: pin_ends(plan.bound(q, fixed(lo1), fixed(hi1))), ("q", "lo1", "hi1"), ("s1",)),
                    Stage("top-k", lambda s1: kept_clusters(s1, plan.keep1), ("s1",), ("kept1",)),
                    Stage("similarity", lambda kept1, s2: s2 + child_mask(kept1, plan.per)[..., : s2.shape[-1]], ("kept1", "s2"), ("s2",))]
-    stages += [Stage("top-k", lambda s2: top_clusters(pin_ends(s2), plan.keep2), ("s2",), ("i2",)),
-               Stage("one-hot", lambda i2, s2: one_hot(i2, s2.shape[-1], plan.bits), ("i2", "s2"), ("onehot",)),
-               Stage("attention matmuls", lambda q, k: scores(q, fixed(k), scale), ("q", "k"), ("s",)),
-               Stage("gather", lambda onehot, s: gather_clusters(onehot, s, plan.size), ("onehot", "s"), ("s_sel",)),
-               Stage("softmax", exp_scores, ("s_sel",), ("e", "inv")),
-               Stage("gather", lambda onehot, e: scatter_clusters(onehot, e, plan.size), ("onehot", "e"), ("p",)),
-               Stage("attention matmuls", lambda p, v: weighted_sum(p, fixed(v)), ("p", "v"), ("u",)),
-               Stage("softmax", lambda u, inv: u * inv, ("u", "inv"), ("out",))]
-    return stages
+    return [*stages,
+            Stage("top-k", lambda s2: top_clusters(pin_ends(s2), plan.keep2), ("s2",), ("i2",)),
+            Stage("one-hot", lambda i2, s2: one_hot(i2, s2.shape[-1], plan.bits), ("i2", "s2"), ("onehot",)),
+            score_stage(scale),
+            Stage("gather", lambda onehot, s: gather_clusters(onehot, s, plan.size), ("onehot", "s"), ("s_sel",)),
+            Stage("softmax", exp_scores, ("s_sel",), ("e", "inv")),
+            Stage("gather", lambda onehot, e: scatter_clusters(onehot, e, plan.size), ("onehot", "e"), ("p",)),
+            *value_stages("p")]

@@ -124,13 +124,12 @@ class Parties:
 
         def party(rank: int) -> None:
             rt = self.runtimes[rank]
-            passed = [name for name, a in zip(names, args) if a.name is None]
-            for name, a in zip(names, args):
-                if a.name is None:
-                    rt.set_var(name, a.shares[rank])
+            passed = [(name, a) for name, a in zip(names, args) if a.name is None]  # kept values are already there
+            for name, a in passed:
+                rt.set_var(name, a.shares[rank])
             rt.run(executable)
             results[rank] = [rt.get_var(n) for n in executable.output_names]
-            for name in [*passed, *executable.output_names]:
+            for name in [*(name for name, _ in passed), *executable.output_names]:
                 rt.del_var(name)
 
         with tempfile.TemporaryFile(mode="w+") as log:
