@@ -58,3 +58,15 @@ def parse_profile(log: str, parties: int) -> Cost:
     for name, rounds in per_party_rounds.items():
         ops[name]["rounds"] = max(rounds)
     return Cost(sum(link[0] for link in links), max(link[2] for link in links), parties, ops)
+
+
+def side_by_side(costs: list[Cost]) -> Cost:
+    """Programs that share no link and no value, run at once: their bytes add up, and the rounds are the busiest one's
+    (per HAL operation too)."""
+    ops: dict[str, dict[str, int]] = {}
+    for cost in costs:
+        for name, c in cost.ops.items():
+            mine = ops.setdefault(name, {"bytes": 0, "rounds": 0})
+            mine["bytes"] += c["bytes"]
+            mine["rounds"] = max(mine["rounds"], c["rounds"])
+    return Cost(sum(c.bytes for c in costs), max(c.rounds for c in costs), max(c.parties for c in costs), ops)

@@ -1,7 +1,8 @@
 """Private greedy generation under SPU (a task of kvtier/mpc/spu_worker.py): the weights and the prompt are secret-shared
 once, the prefill, MPCache's eviction and every decoding step run as SPU programs on the shares, and only each
 generated token is revealed to the client (with ``reveal_logits``, its logits too: the client owns the output).
-Each program's cost is read from SPU's counters."""
+The weights and the prompt's cache (after the eviction) stay held in the parties' runtimes, so under semi2k their
+Beaver masks are opened once and reused by every later product. Each program's cost is read from SPU's counters."""
 
 from __future__ import annotations
 
@@ -51,17 +52,20 @@ def generate_job(parties, task: dict, arrays: dict[str, np.ndarray]) -> tuple[di
     if mp:
         def look_once(caches, windows):
             out, previous = [], None
-            for layer, ((k, v), q) in enumerate(zip(caches, windows)):
+            for layer, (cache, q) in enumerate(zip(caches, windows)):
+                k, v = cache["kt"].transpose(0, 2, 1), cache["v"]
                 if mp["kept"] < k.shape[1]:
                     k, v, previous = evict(shape, k, v, q, mp["kept"], previous if mp["shares"][layer] else None)
                 bounds = {}
                 for level, size in ((1, mp["size1"]), (2, mp["size2"])):
                     bounds[f"lo{level}"], bounds[f"hi{level}"] = cluster_bounds(k, size)
-                out.append((k, v, bounds))
+                out.append({"kt": k.transpose(0, 2, 1), "v": v, "bounds": bounds})
             return out
 
         caches, cost, seconds = _run(parties, look_once, caches, windows)
         note("eviction" if mp["kept"] < len(prompt) else "cluster bounds", cost, seconds)
+    # the prompt's cache is written once: held in the runtimes, its masks are opened at the first step and reused
+    caches = [{**cache, "kt": parties.hold(cache["kt"]), "v": parties.hold(cache["v"]), "tail": None} for cache in caches]
     for step in range(task["max_tokens"]):
         tokens.append(int(parties.reveal(index)))
         if task.get("reveal_logits"):
@@ -76,7 +80,8 @@ def generate_job(parties, task: dict, arrays: dict[str, np.ndarray]) -> tuple[di
                                mp["hierarchy"], one_hot_by_bits(task["protocol"]))] * shape.layers
 
         step_fn = partial(decode, shape, position=position, selections=selections, shares=mp["shares"] if mp else [False] * shape.layers)
-        (index, row, caches, last), cost, seconds = _run(parties, step_fn, weights, row, caches)
+        (index, row, changed, last), cost, seconds = _run(parties, step_fn, weights, row, caches)
+        caches = [{**cache, **new} for cache, new in zip(caches, changed)]
         note(f"decode {step + 1}", cost, seconds)
     outputs = {"tokens": np.array(tokens)}
     if logits:

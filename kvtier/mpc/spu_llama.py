@@ -87,7 +87,8 @@ def next_token(shape: Shape, weights: dict, x: jnp.ndarray) -> tuple[jnp.ndarray
 
 def prefill(shape: Shape, weights: dict, onehot: jnp.ndarray, window: int) -> tuple:
     """The prompt (secret one-hot rows [n, V]) through every layer with causal attention: the next token (index and
-    one-hot), each layer's K and V [Hkv, n, D], each layer's last ``window`` queries [Hkv, g, window, D], the logits."""
+    one-hot), each layer's cache {"kt": K transposed [Hkv, D, n], "v": V [Hkv, n, D]}, each layer's last ``window``
+    queries [Hkv, g, window, D], the logits."""
     n = onehot.shape[0]
     cos, sin = rope_tables(shape, np.arange(n))
     weights = jax.tree_util.tree_map(fixed, weights)
@@ -100,7 +101,7 @@ def prefill(shape: Shape, weights: dict, onehot: jnp.ndarray, window: int) -> tu
         e, inv = exp_scores(s)
         attended = jnp.einsum("hgnt,htd->hgnd", e, v) * inv
         x = finish(shape, w, x, attended)
-        caches.append((k, v))
+        caches.append({"kt": k.transpose(0, 2, 1), "v": v})
         windows.append(q[:, :, n - window:])
     index, row, logits = next_token(shape, weights, x)
     return index, row, caches, windows, logits
@@ -139,19 +140,25 @@ def append_bounds(lo: jnp.ndarray, hi: jnp.ndarray, key: jnp.ndarray, slot: int,
     return lo.at[:, c].set(jnp.minimum(lo[:, c], key)), hi.at[:, c].set(jnp.maximum(hi[:, c], key))
 
 
-def cluster_attention(q: jnp.ndarray, keys: jnp.ndarray, values: jnp.ndarray, rows: jnp.ndarray, size: int, scale: float) -> jnp.ndarray:
-    """Attention over the chosen clusters only; slots past the cache's end in a partial last cluster are masked."""
-    pad = -keys.shape[1] % size
-    valid = (np.arange(keys.shape[1] + pad) < keys.shape[1]).astype(np.float32)  # public
-    padded_k, padded_v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0))) for x in (keys, values))
-    return sparse_attention(q, padded_k.transpose(0, 2, 1), padded_v, rows, size, scale, valid)
+def cluster_attention(q: jnp.ndarray, kts: list[jnp.ndarray], vs: list[jnp.ndarray], rows: jnp.ndarray, size: int, scale: float) -> jnp.ndarray:
+    """Attention over the chosen clusters only, from a cache in parts; slots past the cache's end in a partial last
+    cluster are masked (padding the last part)."""
+    slots = sum(v.shape[1] for v in vs)
+    pad = -slots % size
+    valid = (np.arange(slots + pad) < slots).astype(np.float32)  # public
+    kts = [*kts[:-1], jnp.pad(kts[-1], ((0, 0), (0, 0), (0, pad)))]
+    vs = [*vs[:-1], jnp.pad(vs[-1], ((0, 0), (0, pad), (0, 0)))]
+    return sparse_attention(q, kts, vs, rows, size, scale, valid)
 
 
 def decode(shape: Shape, weights: dict, row: jnp.ndarray, caches: list, position: int, selections: list[Plan | None] | None,
            shares: list[bool]) -> tuple:
     """One decoding step for the token in ``row`` (secret one-hot [1, V]) at public ``position``: the next token
-    (index, one-hot row), each layer's cache after appending, and the logits. ``caches``: per layer (K, V) or, with MPCache, (K, V,
-    bounds). ``selections``: per layer the step's public counts (None: every cluster is read); None: the full cache."""
+    (index, one-hot row), what changed in each layer's cache, and the logits. ``caches``: per layer the prompt's part,
+    "kt" (K transposed) and "v", written once and ``fixed``, so under semi2k their masks open at the first step only;
+    "tail", the (K, V) of the tokens decoded before this one (None at the first step); with MPCache the clusters'
+    "bounds". The step returns the tail with this token's K and V appended, and the bounds. ``selections``: per layer
+    the step's public counts (None: every cluster is read); None: the full cache."""
     cos, sin = rope_tables(shape, np.array([position]))
     weights = jax.tree_util.tree_map(fixed, weights)
     x = row @ weights["embed"]
@@ -159,23 +166,24 @@ def decode(shape: Shape, weights: dict, row: jnp.ndarray, caches: list, position
     updated, rows = [], None
     for layer, (w, cache) in enumerate(zip(weights["layers"], caches)):
         q, k, v = project(shape, w, x, cos, sin)
-        keys, values = jnp.concatenate([cache[0], k], 1), jnp.concatenate([cache[1], v], 1)
+        tail = (k, v) if cache["tail"] is None else (jnp.concatenate([cache["tail"][0], k], 1), jnp.concatenate([cache["tail"][1], v], 1))
+        kts, vs = [fixed(cache["kt"]), tail[0].transpose(0, 2, 1)], [fixed(cache["v"]), tail[1]]
+        slots = cache["v"].shape[1] + tail[1].shape[1]
         q = q[:, :, 0]
         if selections is None:
-            updated.append((keys, values))
-            attended = attention(q, keys.transpose(0, 2, 1), values, scale)
+            updated.append({"tail": tail})
+            attended = attention(q, kts, vs, scale)
         else:
-            sel, bounds = selections[layer], dict(cache[2])
-            slot = keys.shape[1] - 1
+            sel, bounds = selections[layer], dict(cache["bounds"])
             for level, size in ((1, sel.size * sel.per), (2, sel.size)):
-                bounds[f"lo{level}"], bounds[f"hi{level}"] = append_bounds(bounds[f"lo{level}"], bounds[f"hi{level}"], k[:, 0], slot, size)
-            updated.append((keys, values, bounds))
-            if sel.keep2 >= -(-keys.shape[1] // sel.size):
-                rows, attended = None, attention(q, keys.transpose(0, 2, 1), values, scale)
+                bounds[f"lo{level}"], bounds[f"hi{level}"] = append_bounds(bounds[f"lo{level}"], bounds[f"hi{level}"], k[:, 0], slots - 1, size)
+            updated.append({"tail": tail, "bounds": bounds})
+            if sel.keep2 >= -(-slots // sel.size):
+                rows, attended = None, attention(q, kts, vs, scale)
             else:
                 if not shares[layer] or rows is None:
                     rows = select(q, *(bounds[n].transpose(0, 2, 1) for n in ("lo1", "hi1", "lo2", "hi2")), sel)[0]
-                attended = cluster_attention(q, keys, values, rows, sel.size, scale)
+                attended = cluster_attention(q, kts, vs, rows, sel.size, scale)
         x = finish(shape, w, x, attended[:, :, None])
     index, row, logits = next_token(shape, weights, x)
     return index, row, updated, logits

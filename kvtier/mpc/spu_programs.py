@@ -19,11 +19,12 @@ with the cache send only their other operand and their result.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from spu.experimental import make_cached_var
 
 PIN = 1e4  # a public bonus that puts the first and last clusters above any score (|q . r| stays far below it)
@@ -62,9 +63,22 @@ def weighted_sum(p: jnp.ndarray, values: jnp.ndarray) -> jnp.ndarray:
     return jnp.einsum("hgn,hnd->hgd", p, values)
 
 
-def attention(q: jnp.ndarray, kt: jnp.ndarray, v: jnp.ndarray, scale: float) -> jnp.ndarray:
-    e, inv = exp_scores(scores(q, kt, scale))
-    return weighted_sum(e, v) * inv
+def cache_scores(q: jnp.ndarray, kts: Sequence[jnp.ndarray], scale: float) -> jnp.ndarray:
+    """``scores`` over a cache held in parts along its tokens (private generation: the prompt's, written once and
+    ``fixed``, then the tokens decoded since), one product a part: [Hkv, g, N1 + N2 + ...]."""
+    return jnp.concatenate([scores(q, kt, scale) for kt in kts], -1)
+
+
+def cache_sum(p: jnp.ndarray, vs: Sequence[jnp.ndarray]) -> jnp.ndarray:
+    """``weighted_sum`` over a cache held in parts: each part's slice of p times its values, summed."""
+    ends = np.cumsum([0] + [v.shape[1] for v in vs])
+    return sum(weighted_sum(p[..., a:b], v) for a, b, v in zip(ends[:-1], ends[1:], vs))
+
+
+def attention(q: jnp.ndarray, kts: Sequence[jnp.ndarray], vs: Sequence[jnp.ndarray], scale: float) -> jnp.ndarray:
+    """Attention over a cache held in parts (one part: the whole cache)."""
+    e, inv = exp_scores(cache_scores(q, kts, scale))
+    return cache_sum(e, vs) * inv
 
 
 @dataclass(frozen=True)
@@ -173,18 +187,18 @@ def scatter_clusters(onehot: jnp.ndarray, e: jnp.ndarray, size: int) -> jnp.ndar
     return by_head(jnp.einsum("hkc,hkx->hcx", onehot, by_cluster(e, size)), e.shape[1])
 
 
-def sparse_attention(q: jnp.ndarray, kt: jnp.ndarray, v: jnp.ndarray, onehot: jnp.ndarray, size: int, scale: float,
+def sparse_attention(q: jnp.ndarray, kts: Sequence[jnp.ndarray], vs: Sequence[jnp.ndarray], onehot: jnp.ndarray, size: int, scale: float,
                      valid: jnp.ndarray | None = None) -> jnp.ndarray:
-    """Attention over the clusters the one-hot rows [Hkv, k, C] choose from the cache kt, v (C * size tokens): every
+    """Attention over the clusters the one-hot rows [Hkv, k, C] choose from the cache (C * size tokens, in parts): every
     key's score from one product with the cache, the chosen clusters' scores gathered by a product with the one-hot
     rows, the softmax over those alone, its probabilities put back in place by the transposed one-hot, and one product
     with the cache's values. The gathers move g numbers a token, not D, and both products with the cache have an
     operand that ``fixed`` can cache. ``valid`` (public, [C * size]): 0 at slots past the cache's end."""
-    s = scores(q, kt, scale)
+    s = cache_scores(q, kts, scale)
     if valid is not None:
         s = s + (1 - valid) * MASKED
     e, inv = exp_scores(gather_clusters(onehot, s, size))
-    return weighted_sum(scatter_clusters(onehot, e, size), v) * inv
+    return cache_sum(scatter_clusters(onehot, e, size), vs) * inv
 
 
 def select(q: jnp.ndarray, lo1: jnp.ndarray, hi1: jnp.ndarray, lo2: jnp.ndarray, hi2: jnp.ndarray, plan: Plan) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -202,7 +216,7 @@ def mpcache_attention(q: jnp.ndarray, kt: jnp.ndarray, v: jnp.ndarray, lo1: jnp.
                       scale: float, plan: Plan) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Attention over the chosen clusters only, and the chosen indices (revealed by the caller for checking only)."""
     onehot, index = select(q, lo1, hi1, lo2, hi2, plan)
-    return sparse_attention(q, kt, v, onehot, plan.size, scale), index
+    return sparse_attention(q, [kt], [v], onehot, plan.size, scale), index
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import spu.libspu as libspu  # noqa: E402
 import spu.utils.frontend as spu_fe  # noqa: E402
-from profile_log import Cost, parse_profile  # noqa: E402
+from profile_log import Cost, parse_profile, side_by_side  # noqa: E402
 from spu import api as spu_api  # noqa: E402
 from spu_generate import generate_job  # noqa: E402
 from spu_programs import (  # noqa: E402
@@ -56,27 +56,40 @@ class Secret:
     shape: tuple[int, ...]
     dtype: np.dtype
     name: str | None = None  # set while the value stays in the parties' runtimes between programs (``Parties.keep``)
+    lane: int = 0  # the runtimes that hold it (``Parties`` with lanes)
 
 
 class Parties:
     """A protocol's parties, one thread and one persistent SPU runtime each, every one profiling its own link. Values
-    stay secret-shared between programs; only what the caller reveals is reconstructed."""
+    stay secret-shared between programs; only what the caller reveals is reconstructed. With ``lanes`` > 1 every party
+    holds that many runtimes, each over links of its own (what MPCache's top-k gets by forking SPU's link context per
+    head): programs in different lanes share no link and no value, so a deployment runs them at once; here they run
+    one after another (with 24 SPU 0.9.5 runtimes running at once, one process garbled its log and another its heap), each
+    counted on its own, and ``side_by_side`` adds up their bytes and keeps the busiest lane's rounds."""
 
-    def __init__(self, protocol: str, fraction_bits: int = FRACTION_BITS) -> None:
+    created = 0  # instances so far: each one's links get ids of their own
+
+    def __init__(self, protocol: str, fraction_bits: int = FRACTION_BITS, lanes: int = 1) -> None:
         kind, self.size = PROTOCOLS[protocol]
         self.config = libspu.RuntimeConfig(protocol=kind, field=libspu.FieldType.FM64, fxp_fraction_bits=fraction_bits)
         self.config.fxp_exp_iters = EXP_ITERS
         self.config.enable_hal_profile = True
         self.config.enable_pphlo_profile = True
         self.io = spu_api.Io(self.size, self.config)
-        desc = libspu.link.Desc()
-        for rank in range(self.size):
-            desc.add_party(f"id_{rank}", f"thread_{rank}")
-        self.runtimes: list = [None] * self.size
-        self._each(lambda rank: self.runtimes.__setitem__(rank, spu_api.Runtime(libspu.link.create_mem(desc, rank),
-                                                                                  libspu.RuntimeConfig(self.config))))
+        Parties.created += 1
+        self.runtimes = [self._start(lane) for lane in range(lanes)]
         self.programs = 0
         self.kept = 0
+
+    def _start(self, lane: int) -> list:
+        """Every party's runtime of ``lane``, over in-memory links found by an id of their own."""
+        desc = libspu.link.Desc()
+        desc.id = f"parties{Parties.created}-lane{lane}"
+        for rank in range(self.size):
+            desc.add_party(f"id_{rank}", f"thread_{rank}")
+        runtimes: list = [None] * self.size
+        self._each(lambda rank: runtimes.__setitem__(rank, spu_api.Runtime(libspu.link.create_mem(desc, rank), libspu.RuntimeConfig(self.config))))
+        return runtimes
 
     def _each(self, work) -> None:
         errors: list[BaseException] = []
@@ -99,14 +112,22 @@ class Parties:
         value = np.asarray(value)
         return Secret(self.io.make_shares(value, libspu.Visibility.VIS_SECRET), value.shape, value.dtype)
 
-    def keep(self, value: np.ndarray) -> Secret:
-        """``value`` shared once and left in every party's runtime, so the programs that read it see the same buffer:
-        what SPU's Beaver cache needs to reuse a ``fixed`` value's mask from one program to the next."""
-        shared = self.share(value)
+    def keep(self, value: np.ndarray, lane: int = 0, name: str | None = None) -> Secret:
+        """``value`` shared once and held in ``lane`` (``hold``). Values kept under one ``name`` in several lanes are read
+        by one compiled program there."""
+        return self.hold(self.share(value), lane, name)
+
+    def hold(self, value: Secret, lane: int = 0, name: str | None = None) -> Secret:
+        """``value`` left in every party's runtime of ``lane``, so the programs that read it see the same buffer: what
+        SPU's Beaver cache needs to reuse a ``fixed`` value's mask from one program to the next."""
+        name = name or self.fresh_name()
+        for rank in range(self.size):
+            self.runtimes[lane][rank].set_var(name, value.shares[rank])
+        return Secret(value.shares, value.shape, value.dtype, name, lane)
+
+    def fresh_name(self) -> str:
         self.kept += 1
-        name = f"kept{self.kept}"
-        self._each(lambda rank: self.runtimes[rank].set_var(name, shared.shares[rank]))
-        return Secret(shared.shares, shared.shape, shared.dtype, name)
+        return f"kept{self.kept}"
 
     def reveal(self, value: Secret) -> np.ndarray:
         return self.io.reconstruct(list(value.shares))
@@ -114,16 +135,32 @@ class Parties:
     def run(self, fn, args: list) -> tuple[list[Secret], Cost, float]:
         """``fn`` on ``args`` (secrets, or arrays the caller shares first): its outputs, still shared, what the run cost
         by SPU's counters, and its seconds."""
-        args = [a if isinstance(a, Secret) else self.share(a) for a in args]
+        (outs,), cost, seconds = self.run_lanes(fn, [args])
+        return outs, cost, seconds
+
+    def run_lanes(self, fn, lane_args: list[list]) -> tuple[list[list[Secret]], Cost, float]:
+        """``fn`` in lanes 0, 1, ... on each lane's ``args`` (of equal shapes; a kept secret must live in its lane): every
+        lane's outputs, their cost side by side, and the seconds of them all."""
+        lane_args = [[a if isinstance(a, Secret) else self.share(a) for a in args] for args in lane_args]
+        for lane, args in enumerate(lane_args):
+            if any(a.name is not None and a.lane != lane for a in args):
+                raise ValueError(f"a kept value passed to lane {lane} lives in another lane")
         self.programs += 1
-        names = [a.name or f"p{self.programs}_in{i}" for i, a in enumerate(args)]
-        examples = [np.zeros(a.shape, a.dtype) for a in args]
-        executable, _ = spu_fe.compile(spu_fe.Kind.JAX, fn, examples, {}, names, [libspu.Visibility.VIS_SECRET] * len(args),
+        first = lane_args[0]
+        names = [a.name or f"p{self.programs}_in{i}" for i, a in enumerate(first)]
+        examples = [np.zeros(a.shape, a.dtype) for a in first]
+        executable, _ = spu_fe.compile(spu_fe.Kind.JAX, fn, examples, {}, names, [libspu.Visibility.VIS_SECRET] * len(first),
                                        lambda outs: [f"p{self.programs}_out{i}" for i in range(len(outs))])
+        shapes = jax.tree_util.tree_leaves(jax.eval_shape(fn, *examples))
+        runs = [self._run_in(lane, executable, names, shapes, args) for lane, args in enumerate(lane_args)]
+        return [outs for outs, _, _ in runs], side_by_side([cost for _, cost, _ in runs]), sum(seconds for _, _, seconds in runs)
+
+    def _run_in(self, lane: int, executable, names: list[str], shapes: list, args: list[Secret]) -> tuple[list[Secret], Cost, float]:
+        """One compiled program in ``lane``'s runtimes: its outputs, cost and seconds."""
         results: list = [None] * self.size
 
         def party(rank: int) -> None:
-            rt = self.runtimes[rank]
+            rt = self.runtimes[lane][rank]
             passed = [(name, a) for name, a in zip(names, args) if a.name is None]  # kept values are already there
             for name, a in passed:
                 rt.set_var(name, a.shares[rank])
@@ -132,23 +169,56 @@ class Parties:
             for name in [*(name for name, _ in passed), *executable.output_names]:
                 rt.del_var(name)
 
+        text, seconds = self._captured(party)
+        outs = [Secret(list(parts), tuple(sd.shape), np.dtype(sd.dtype), lane=lane) for parts, sd in zip(zip(*results), shapes)]
+        return outs, parse_profile(text, self.size), seconds
+
+    def _captured(self, work) -> tuple[str, float]:
+        """``work`` in every party's thread, and what SPU logged meanwhile (its profile), with the seconds it took."""
         with tempfile.TemporaryFile(mode="w+") as log:
             started = time.perf_counter()
             saved = os.dup(1)
             sys.stdout.flush()
             os.dup2(log.fileno(), 1)  # SPU's C++ logger writes the profile to file descriptor 1
             try:
-                self._each(party)
+                self._each(work)
             finally:
                 LIBC.fflush(None)
                 os.dup2(saved, 1)
                 os.close(saved)
             seconds = time.perf_counter() - started
             log.seek(0)
-            text = log.read()
-        shapes = jax.tree_util.tree_leaves(jax.eval_shape(fn, *examples))
-        outs = [Secret(list(parts), tuple(sd.shape), np.dtype(sd.dtype)) for parts, sd in zip(zip(*results), shapes)]
-        return outs, parse_profile(text, self.size), seconds
+            return log.read(), seconds
+
+
+@dataclass
+class Split:
+    """A value cut along its first axis (the KV heads), part h secret-shared in lane h."""
+
+    parts: list[Secret]
+
+
+class HeadLanes:
+    """The parties running every program once per KV head, head h in lane h, the heads side by side: rounds of one
+    head, bytes of all. Attention is independent across KV heads, and so is MPCache's selection; SPU's secret top-k runs a
+    batch's rows one after another, which this turns into the side-by-side top-k of MPCache's own ``rank.cc``.
+    The interface of ``Parties`` (``keep``, ``run``, ``reveal``) over ``Split`` values."""
+
+    def __init__(self, parties: Parties) -> None:
+        self.parties = parties
+        self.heads = len(parties.runtimes)
+
+    def keep(self, value: np.ndarray) -> Split:
+        name = self.parties.fresh_name()
+        return Split([self.parties.keep(value[h:h + 1], h, name) for h in range(self.heads)])
+
+    def run(self, fn, args: list) -> tuple[list[Split], Cost, float]:
+        lane_args = [[a.parts[h] if isinstance(a, Split) else np.asarray(a)[h:h + 1] for a in args] for h in range(self.heads)]
+        outs, cost, seconds = self.parties.run_lanes(fn, lane_args)
+        return [Split(list(parts)) for parts in zip(*outs)], cost, seconds
+
+    def reveal(self, value: Split) -> np.ndarray:
+        return np.concatenate([self.parties.reveal(part) for part in value.parts])
 
 
 def run_stages(parties: Parties, stages, values: dict[str, np.ndarray]) -> dict[str, dict]:
@@ -174,17 +244,17 @@ def twice(parties: Parties, fn, args: list) -> tuple[list[Secret], Cost, Cost, f
     """``fn`` run two times on the same inputs, arrays among them shared once and kept in the runtimes: the first run
     is a step whose cache the parties have not opened yet (under semi2k it opens the masks of the ``fixed`` values), the
     second a later step's (it reuses them). The second run's outputs, both costs, its seconds, and the inputs as kept."""
-    kept = [a if isinstance(a, Secret) else parties.keep(a) for a in args]
+    kept = [parties.keep(a) if isinstance(a, np.ndarray) else a for a in args]
     _, first, _ = parties.run(fn, kept)
     outs, again, seconds = parties.run(fn, kept)
     return outs, first, again, seconds, kept
 
 
-def attention_job(parties: Parties, job: dict, arrays: dict[str, np.ndarray]) -> tuple[dict, dict[str, np.ndarray]]:
+def attention_job(parties: Parties | HeadLanes, job: dict, arrays: dict[str, np.ndarray]) -> tuple[dict, dict[str, np.ndarray]]:
     """One layer's attention for one decode query, full-cache or MPCache, the cache and its bounds ``fixed``: the fused
     program's outputs and its cost at a later step (``cost``: the masks of the cache reused) and at the first
     (``first_cost``); for MPCache also the cost of a layer that shares the selection (``shared_cost``,
-    ``first_shared_cost``) and of the selection; with ``breakdown`` each operator run on its own at a later step
+    ``first_shared_cost``); with ``breakdown`` each operator run on its own at a later step
     (attribution: programs cut apart cost more than the fused one, which is what a step runs)."""
     p = job["params"]
     scale, kind = p["scale"], job["kind"]
@@ -192,7 +262,7 @@ def attention_job(parties: Parties, job: dict, arrays: dict[str, np.ndarray]) ->
     k = np.ascontiguousarray(arrays["k"].transpose(0, 2, 1))  # the programs' layouts: keys and bounds transposed
     extra: dict = {}
     if kind == "full":
-        (out,), first, cost, seconds, kept = twice(parties, lambda q, k, v: attention(q, fixed(k), fixed(v), scale), [q, k, v])
+        (out,), first, cost, seconds, kept = twice(parties, lambda q, k, v: attention(q, [fixed(k)], [fixed(v)], scale), [q, k, v])
         outputs = {"out": parties.reveal(out)}
         stages = attention_stages(scale)
     else:
@@ -203,13 +273,9 @@ def attention_job(parties: Parties, job: dict, arrays: dict[str, np.ndarray]) ->
         outputs = {"out": parties.reveal(out), "index": parties.reveal(index)}
         stages = mpcache_stages(scale, plan)
         kept_q, _, _, *kept_bounds = kept
-        (onehot, _), selecting, _ = parties.run(lambda q, *b: select(q, *map(fixed, b), plan), [kept_q, *kept_bounds])
-        # SPU's top-k runs the KV heads one after another; the selection for one head alone is what heads in parallel
-        # would wait for (MPCache's own top-k forks a context per head)
-        _, one_head, _ = parties.run(lambda q, *b: select(q, *b, plan), [q[:1], *(b[:1] for b in bounds)])
-        extra["select_cost"], extra["select_one_head_cost"] = selecting.as_dict(), one_head.as_dict()
+        (onehot, _), _, _ = parties.run(lambda q, *b: select(q, *map(fixed, b), plan), [kept_q, *kept_bounds])
         # a layer that shares its neighbour's selection: attention over the clusters its one-hot rows choose
-        _, shared_first, shared, _, _ = twice(parties, lambda onehot, q, k, v: sparse_attention(q, fixed(k), fixed(v), onehot, plan.size, scale),
+        _, shared_first, shared, _, _ = twice(parties, lambda onehot, q, k, v: sparse_attention(q, [fixed(k)], [fixed(v)], onehot, plan.size, scale),
                                               [onehot, q, k, v])
         extra["shared_cost"], extra["first_shared_cost"] = shared.as_dict(), shared_first.as_dict()
     result = {"cost": cost.as_dict(), "first_cost": first.as_dict(), "seconds": seconds, **extra}
@@ -224,13 +290,17 @@ def main(argv: list[str]) -> int:
     arrays = dict(np.load(job["inputs"])) if job.get("inputs") else {}
     results, outputs = [], {}
     for i, task in enumerate(job["tasks"]):
-        parties = Parties(task["protocol"], task.get("fraction_bits", FRACTION_BITS))
         if task.get("random"):  # cost needs no trained weights: random inputs of the given shapes
             rng = np.random.default_rng(task.get("seed", 0))
             task_arrays = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in task["random"].items()}
         else:
             task_arrays = {name: arrays[f"{task['prefix']}{name}"] for name in task["names"]}
-        result, outs = (generate_job if task["kind"] == "generate" else attention_job)(parties, task, task_arrays)
+        if task["kind"] == "generate":
+            result, outs = generate_job(Parties(task["protocol"], task.get("fraction_bits", FRACTION_BITS)), task, task_arrays)
+        else:  # with ``heads_side_by_side`` every KV head in a lane of its own
+            lanes = task_arrays["q"].shape[0] if task.get("heads_side_by_side") else 1
+            parties = Parties(task["protocol"], task.get("fraction_bits", FRACTION_BITS), lanes)
+            result, outs = attention_job(HeadLanes(parties) if lanes > 1 else parties, task, task_arrays)
         results.append({**{k: task[k] for k in ("protocol", "kind", "label") if k in task}, **result})
         outputs.update({f"{i}/{name}": value for name, value in outs.items()})
         Path(job["result"]).write_text(json.dumps(results, indent=1))  # what finished survives a later failure

@@ -20,7 +20,7 @@ from kvtier.eval.agreement import text_windows
 from kvtier.mpc.capture import capture_steps
 from kvtier.mpc.driver import run_mpc
 from kvtier.mpc.environment import SETUP, mpc_python
-from kvtier.mpc.profile_log import parse_profile
+from kvtier.mpc.profile_log import parse_profile, side_by_side
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = {"budget": 0.12, "static_keep": 0.5}
@@ -43,6 +43,11 @@ def test_costs_are_summed_over_parties_and_rounds_are_the_busiest_partys():
     assert cost.ops == {"f_less": {"bytes": 7084, "rounds": 49}, "f_mmul": {"bytes": 3036, "rounds": 3}}  # HAL ops only, not MPC's
     with pytest.raises(ValueError, match="expected 3 'Link details' lines"):
         parse_profile(LOG, parties=3)
+    # two programs on links of their own, run at once (the second with fewer actions): bytes add up, rounds are the busiest's
+    quick = parse_profile(LOG.replace("send actions 51", "send actions 20").replace("send actions 50,", "send actions 19,"), parties=2)
+    both = side_by_side([cost, quick])
+    assert (quick.rounds, both.bytes, both.rounds) == (20, 20240, 51)
+    assert both.ops["f_less"] == {"bytes": 2 * 7084, "rounds": 49}
 
 
 def test_without_the_environment_the_error_says_how_to_make_it(monkeypatch, tmp_path):
@@ -75,10 +80,12 @@ def test_mpc_attention_agrees_with_the_engine(mpc_env, protocol, bound):
     arrays = {"q": step.q, "k": step.k, "v": step.v, "lo1": lo1, "hi1": hi1, "lo2": lo2, "hi2": hi2}
     params = {"scale": step.scale, "keep1": step.keep1, "keep2": step.keep2, "size": 16, "per": 2, "hierarchy": True, "bound": bound, "alpha": 0.6}
     tasks = [{"protocol": protocol, "kind": "mpcache", "names": list(arrays), "prefix": "", "params": params, "breakdown": True},
-             {"protocol": protocol, "kind": "full", "names": ["q", "k", "v"], "prefix": "", "params": params}]
+             {"protocol": protocol, "kind": "full", "names": ["q", "k", "v"], "prefix": "", "params": params},
+             {"protocol": protocol, "kind": "mpcache", "names": list(arrays), "prefix": "", "params": params, "heads_side_by_side": True}]
     results, outputs = run_mpc(tasks, arrays)
     assert [sorted(row.tolist()) for row in outputs["0/index"]] == step.read
-    for i, full in ((0, False), (1, True)):
+    assert [sorted(row.tolist()) for row in outputs["2/index"]] == step.read
+    for i, full in ((0, False), (1, True), (2, False)):
         want = step.plaintext_attention(16, full=full)
         assert np.abs(outputs[f"{i}/out"] - want).max() / np.abs(want).max() <= 1e-2
     mine, whole = results[0], results[1]
@@ -95,3 +102,7 @@ def test_mpc_attention_agrees_with_the_engine(mpc_env, protocol, bound):
             assert later < 0.7 * first, "a later step must not open the cache's masks again"
         else:  # ABY3's products open no operand: nothing to reuse
             assert abs(later - first) <= 0.05 * first
+    # each KV head in a lane of its own: the same work, its top-k no longer waiting on the other heads'
+    lanes = results[2]
+    assert abs(lanes["cost"]["bytes"] - mine["cost"]["bytes"]) <= 0.05 * mine["cost"]["bytes"]
+    assert lanes["cost"]["rounds"] < 0.8 * mine["cost"]["rounds"]
