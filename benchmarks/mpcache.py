@@ -47,6 +47,9 @@ MPC_CONFIGS = {"mpcache": {}, "mpcache (bound=quest)": {"bound": "quest"},  # pa
                "mpcache (static_keep=1.0, bound=quest) @ 0.12": {"static_keep": 1.0, "bound": "quest", "budget": 0.12},  # the accurate one
                # budgets of a fixed number of tokens, as in the paper's 2048-token tables: 64 is the default's 6% at 1K
                "mpcache @ 64 tokens": {"budget": 64}, "mpcache @ 256 tokens": {"budget": 256},
+               # under MPC level 2 scores every cluster anyway (which ones are children of level 1's choice is secret):
+               # the hierarchy adds a similarity and a top-k to a step's rounds and saves none
+               "mpcache (hierarchy=false)": {"hierarchy": False}, "mpcache (hierarchy=false) @ 64 tokens": {"hierarchy": False, "budget": 64},
                "mpcache, KV heads in one program": {}}
 # Both methods run each KV head's programs in a lane of its own, side by side (as the paper's rank.cc forks a context
 # per head for its top-k); this one runs them batched in one program, where SPU's top-k takes the heads one after another
