@@ -15,7 +15,12 @@ from dataclasses import dataclass, field
 
 LINK = re.compile(r"Link details: total send bytes (\d+), recv bytes (\d+), send actions (\d+), recv actions (\d+)")
 OP = re.compile(r"- (\S+), executed (\d+) times, duration ([0-9.eE+-]+)s, send bytes (\d+) recv bytes (\d+), send actions (\d+), recv actions (\d+)")
-SECTION = re.compile(r"(HLO|HAL|MPC) profiling: total time")
+# HAL operations by name: SPU's HAL traces its ops as f_* (fixed point), i_* (integer), _* (ring level) and reveal /
+# seal; its MPC kernels (a2b, mul_aa, perm_ss, ...) and HLO ops (pphlo.*) never take those names. The parties dump
+# their profiles at the same moment, so the section headers of one can land among the other's lines: a line's name,
+# not the last header seen, says which level it belongs to.
+HAL_PREFIXES = ("f_", "i_", "_")
+HAL_NAMES = ("reveal", "seal")
 
 
 @dataclass
@@ -46,13 +51,10 @@ def parse_profile(log: str, parties: int) -> Cost:
     if len(links) != parties:
         raise ValueError(f"expected {parties} 'Link details' lines (one per party) in SPU's profile log, found {len(links)}")
     ops: dict[str, dict[str, int]] = {}
-    section = None
     per_party_rounds: dict[str, list[int]] = {}
-    for line in log.splitlines():
-        if s := SECTION.search(line):
-            section = s.group(1)
-        elif section == "HAL" and (m := OP.search(line)):
-            name, sent, actions = m.group(1), int(m.group(4)), int(m.group(6))
+    for m in OP.finditer(log):
+        name, sent, actions = m.group(1), int(m.group(4)), int(m.group(6))
+        if name.startswith(HAL_PREFIXES) or name in HAL_NAMES:
             ops.setdefault(name, {"bytes": 0, "rounds": 0})["bytes"] += sent
             per_party_rounds.setdefault(name, []).append(actions)
     for name, rounds in per_party_rounds.items():

@@ -41,6 +41,10 @@ def test_costs_are_summed_over_parties_and_rounds_are_the_busiest_partys():
     cost = parse_profile(LOG, parties=2)
     assert (cost.bytes, cost.rounds) == (10120, 51)
     assert cost.ops == {"f_less": {"bytes": 7084, "rounds": 49}, "f_mmul": {"bytes": 3036, "rounds": 3}}  # HAL ops only, not MPC's
+    # the parties dump at once: a header of one among the other's lines changes nothing
+    lines = LOG.splitlines(keepends=True)
+    interleaved = "".join([lines[0], lines[3], *lines[1:3], *lines[4:]])
+    assert parse_profile(interleaved, parties=2).ops == cost.ops
     with pytest.raises(ValueError, match="expected 3 'Link details' lines"):
         parse_profile(LOG, parties=3)
     # two programs on links of their own, run at once (the second with fewer actions): bytes add up, rounds are the busiest's
