@@ -32,14 +32,6 @@ class Cost:
     parties: int = 0
     ops: dict[str, dict[str, int]] = field(default_factory=dict)  # HAL-level op -> bytes (all parties), rounds (max over parties)
 
-    def __add__(self, other: Cost) -> Cost:
-        ops = {k: dict(v) for k, v in self.ops.items()}
-        for name, c in other.ops.items():
-            mine = ops.setdefault(name, {"bytes": 0, "rounds": 0})
-            mine["bytes"] += c["bytes"]
-            mine["rounds"] += c["rounds"]
-        return Cost(self.bytes + other.bytes, self.rounds + other.rounds, max(self.parties, other.parties), ops)
-
     def as_dict(self) -> dict:
         return {"bytes": self.bytes, "rounds": self.rounds, "parties": self.parties, "ops": self.ops}
 
