@@ -106,7 +106,8 @@ def test_mpc_attention_agrees_with_the_engine(mpc_env, protocol, bound):
             assert later < 0.7 * first, "a later step must not open the cache's masks again"
         else:  # ABY3's products open no operand: nothing to reuse
             assert abs(later - first) <= 0.05 * first
-    # each KV head in a lane of its own: the same work, its top-k no longer waiting on the other heads'
+    # each KV head in a lane of its own: the same work, its top-k no longer waiting on the other heads'. The lanes send
+    # 2-4% more (each its own program), and SPU's top-k shuffles before its quickselect, so its comparisons vary a run
     lanes = results[2]
-    assert abs(lanes["cost"]["bytes"] - mine["cost"]["bytes"]) <= 0.05 * mine["cost"]["bytes"]
+    assert abs(lanes["cost"]["bytes"] - mine["cost"]["bytes"]) <= 0.1 * mine["cost"]["bytes"]
     assert lanes["cost"]["rounds"] < 0.8 * mine["cost"]["rounds"]
