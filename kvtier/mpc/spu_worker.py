@@ -64,8 +64,8 @@ class Parties:
     stay secret-shared between programs; only what the caller reveals is reconstructed. With ``lanes`` > 1 every party
     holds that many runtimes, each over links of its own (what MPCache's top-k gets by forking SPU's link context per
     head): programs in different lanes share no link and no value, so a deployment runs them at once; here they run
-    one after another (with 24 SPU 0.9.5 runtimes running at once, one process garbled its log and another its heap), each
-    counted on its own, and ``side_by_side`` adds up their bytes and keeps the busiest lane's rounds."""
+    one after another (with 24 SPU 0.9.5 runtimes running at once, one process garbled its log and another its
+    heap), each counted on its own, and ``side_by_side`` adds up their bytes and keeps the busiest lane's rounds."""
 
     created = 0  # instances so far: each one's links get ids of their own
 
